@@ -1,0 +1,3 @@
+"""tune-sana: find Sana fine-tuning settings that train well and stay finite."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,154 @@
+"""The trial configuration: every key a trial program reads, validated when it is built.
+
+Keys are part of the public interface (search spaces, ``--set`` and the Parquet columns use
+these names). Unknown keys are rejected with a did-you-mean, never ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line (exit status 2), never a traceback."""
+
+
+class Precision(str, enum.Enum):
+    """How weights are stored and how the forward/backward is computed (see precision.py)."""
+
+    FP32 = "fp32"
+    FP16_AMP = "fp16-amp"
+    BF16_AMP = "bf16-amp"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class LrSchedule(str, enum.Enum):
+    """Learning-rate shape after a linear warmup of ``warmup_steps``."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+class OnNonfinite(str, enum.Enum):
+    """What a trial does on a non-finite loss or gradient: end at once, or skip up to K steps."""
+
+    STOP = "stop"
+    SKIP = "skip"
+
+
+class Outcome(str, enum.Enum):
+    """How a trial ended."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+    PRUNED = "pruned"
+    ERROR = "error"
+
+
+class TrialConfig(BaseModel):
+    """One fine-tuning run of Sana. Every field is a searchable or fixed setting."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, frozen=True)
+
+    model: str = Field("demo-base", description="preset name, hub id or diffusers folder")
+    variant: Literal["fp16", "bf16"] | None = Field(
+        None, description="checkpoint weight variant to load (diffusers variant=)"
+    )
+    data: str = Field("builtin:shapes", description="built-in dataset or encoded cache folder")
+    steps: int = Field(200, ge=1, description="optimizer steps to run")
+    batch_size: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0, description="seeds init order, batches, noise and timesteps")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (after warmup)")
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
+    max_grad_norm: float | None = Field(None, gt=0, description="clip total grad norm; null = off")
+    optimizer: Literal["adamw"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    precision: Precision = Precision.FP32
+    attention_fp32: bool = Field(
+        False, description="run the linear-attention matmuls in fp32 with autocast disabled"
+    )
+    eval_every: int = Field(25, ge=1, description="validation loss every N steps (and at the end)")
+    val_batch_size: int = Field(32, ge=1, description="held-out samples in the fixed val batch")
+    on_nonfinite: OnNonfinite = OnNonfinite.STOP
+    max_skips: int = Field(0, ge=0, description="non-finite steps skipped before diverging")
+    loss_spike_factor: float | None = Field(
+        10.0, gt=1, description="diverge when loss > factor x its running mean; null = off"
+    )
+    min_loss_scale: float = Field(
+        1e-3, gt=0, description="fp16-amp: diverge when GradScaler's scale falls below this"
+    )
+    logit_mean: float = Field(0.0, description="logit-normal timestep sampling: mean")
+    logit_std: float = Field(1.0, gt=0, description="logit-normal timestep sampling: std")
+    flow_shift: float = Field(1.0, gt=0, description="sigma -> shift*s / (1 + (shift-1)*s)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
+
+    @field_validator("lr", "adam_eps", "min_loss_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def as_row(self) -> dict[str, Any]:
+        """Plain JSON/Parquet-friendly values (enums as their strings)."""
+        return self.model_dump(mode="json")
+
+
+TRIAL_KEYS: tuple[str, ...] = tuple(TrialConfig.model_fields)
+
+
+def did_you_mean(key: str, choices: Any) -> str:
+    """A ' (did you mean X?)' suffix for a misspelt key, or ''."""
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``--set`` value as YAML (so 1e-4, true, null and [a, b] work)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-4", "precision=fp16-amp"]`` -> ``{"lr": 1e-4, "precision": "fp16-amp"}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {pair!r}: expected key=value, e.g. --set lr=1e-4")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def build_config(values: Mapping[str, Any], source: str = "config") -> TrialConfig:
+    """Validate ``values`` into a TrialConfig; raise UserError naming the key on bad input."""
+    for key in values:
+        if key not in TrialConfig.model_fields:
+            raise UserError(
+                f"{source}: unknown key '{key}'{did_you_mean(key, TRIAL_KEYS)}; "
+                f"valid keys: {', '.join(TRIAL_KEYS)}"
+            )
+    try:
+        return TrialConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "?"
+        given = values.get(str(first["loc"][0])) if first["loc"] else None
+        raise UserError(f"{source}: key '{loc}' = {given!r}: {first['msg']}") from None

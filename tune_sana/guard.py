@@ -1,0 +1,113 @@
+"""The trial-side divergence guard: turns tensors into the pure checks of health.py.
+
+One host sync before ``optimizer.step()`` (loss and grad norm travel together) and one after it
+(parameter norm); healthy steps add no other work. When a check fails, the guard works out where
+the problem was first seen and builds the trial's final row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from tune_sana import diagnose, health
+from tune_sana.config import OnNonfinite, TrialConfig
+from tune_sana.health import Cause, Finding, Verdict
+
+
+def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Total L2 norm of the gradients before clipping (a 0-dim tensor); clips if max_norm is set."""
+    if max_norm is not None:
+        total: torch.Tensor = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        return total
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads, foreach=True)
+
+
+def param_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Total L2 norm of the parameters in fp32 (NaN/inf if any weight is not finite)."""
+    norms = torch._foreach_norm([p.detach() for p in params])
+    return cast(torch.Tensor, torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+
+
+@dataclass
+class Divergence:
+    """What the final row of a diverged trial says."""
+
+    step: int
+    cause: Cause
+    nonfinite_at: str
+    nonfinite_module: str | None
+    max_abs_activation: float | None
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "outcome": "diverged",
+            "divergence_cause": self.cause.value,
+            "diverged_step": self.step,
+            "nonfinite_at": self.nonfinite_at,
+            "nonfinite_module": self.nonfinite_module,
+            "max_abs_activation": health.clean(self.max_abs_activation),
+        }
+
+
+class Guard:
+    """Health state of one trial: spike detector, skip budget, loss-scale floor."""
+
+    def __init__(self, config: TrialConfig, scaler_enabled: bool) -> None:
+        self.scaler_enabled = scaler_enabled
+        self.min_loss_scale = config.min_loss_scale
+        self.spikes = health.SpikeDetector(config.loss_spike_factor)
+        budget = config.max_skips if config.on_nonfinite is OnNonfinite.SKIP else 0
+        self.skips = health.SkipBudget(budget)
+        self.skipped_steps = 0
+
+    def before_step(self, loss: torch.Tensor, gnorm: torch.Tensor) -> tuple[Finding, float, float]:
+        """Check loss and grad norm (one sync). Returns the finding and both as floats."""
+        loss_f, gnorm_f = torch.stack([loss.detach().float(), gnorm.float()]).tolist()
+        finding = health.pre_step(loss_f, gnorm_f, scaler_handles_grads=self.scaler_enabled)
+        if finding.verdict is Verdict.SKIP:
+            self.skipped_steps += 1  # GradScaler's own skip: watched through the loss scale
+        elif finding.verdict is Verdict.DIVERGED and self.skips.max_skips:
+            assert finding.cause is not None
+            finding = self.skips.spend(finding.cause)
+            if finding.verdict is Verdict.SKIP:
+                self.skipped_steps += 1
+        if finding.ok:
+            finding = self.spikes.update(loss_f)
+        return finding, loss_f, gnorm_f
+
+    def after_step(self, pnorm: torch.Tensor, scale: float) -> Finding:
+        """Check the weights (one sync) and, under fp16-amp, the loss scale."""
+        finding = health.post_step(float(pnorm))
+        if finding.ok and self.scaler_enabled:
+            finding = health.loss_scale(scale, self.min_loss_scale)
+        return finding
+
+    @staticmethod
+    def locate(step: int, cause: Cause, model: nn.Module,
+               replay: Callable[[], object]) -> Divergence:
+        """Find where the divergence was first seen. Replays the forward only when it matters."""
+        if cause is Cause.NONFINITE_PARAMS:
+            name = diagnose.first_nonfinite_param(model)
+            return Divergence(step, cause, "parameters", name, None)
+        if cause in (Cause.NONFINITE_LOSS, Cause.NONFINITE_GRAD, Cause.NONFINITE_METRIC):
+            found = diagnose.replay_forward(model, replay)
+            if found.first_nonfinite_module is not None:
+                return Divergence(step, cause, "forward", found.first_nonfinite_module,
+                                  found.max_abs_activation)
+            if cause is Cause.NONFINITE_GRAD:
+                return Divergence(step, cause, "gradient", diagnose.first_nonfinite_grad(model),
+                                  found.max_abs_activation)
+            return Divergence(step, cause, "loss", None, found.max_abs_activation)
+        where = "loss_scale" if cause is Cause.LOSS_SCALE_COLLAPSE else "loss"
+        return Divergence(step, cause, where, None, None)
+
+
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None

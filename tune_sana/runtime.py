@@ -1,0 +1,111 @@
+"""The plumbing a trial needs around its loop: device choice, batches, and run statistics."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tune_sana.config import Outcome, TrialConfig, UserError
+from tune_sana.data import Encoded
+from tune_sana.precision import PrecisionPolicy, pairing
+
+
+def pick_device(choice: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a UserError."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is visible; use --set device=cpu")
+    return torch.device(choice)
+
+
+class Batches:
+    """Endless shuffled mini-batches of paired rows (latent i always with caption i).
+
+    Each epoch is a fresh permutation from a generator seeded by the trial seed.
+    """
+
+    def __init__(self, data: Encoded, batch_size: int, seed: int) -> None:
+        if len(data) == 0:
+            raise UserError("the training set is empty")
+        self.data = data
+        self.batch_size = min(batch_size, len(data))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(data), generator=self.gen)
+        self.pos = 0
+
+    def next(self) -> Encoded:
+        if self.pos + self.batch_size > len(self.order):
+            self.order = torch.randperm(len(self.data), generator=self.gen)
+            self.pos = 0
+        index = self.order[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return self.data.take(index)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or this process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+class RunStats:
+    """Accumulates what the summary row reports: best/final val loss, timing, skips."""
+
+    def __init__(self, config: TrialConfig, policy: PrecisionPolicy, device: torch.device,
+                 n_params: int) -> None:
+        self.started = time.perf_counter()
+        self.best_val: float | None = None
+        self.final_val: float | None = None
+        self.skipped = 0
+        self.steps_done = 0
+        self.fixed = {
+            "ran_on": str(device),
+            "pairing": pairing(policy.mode, config.variant),
+            "n_params": n_params,
+        }
+        self.device = device
+
+    def record(self, row: dict[str, Any], skipped: bool) -> None:
+        self.steps_done = row["step"] + 1
+        self.skipped += int(skipped)
+        val = row.get("val_loss")
+        if val is not None:
+            self.final_val = val
+            self.best_val = val if self.best_val is None else min(self.best_val, val)
+
+    def finish(self, report: Callable[[dict[str, Any]], None], step: int, outcome: Outcome,
+               extra: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+        """Report the trial's last row (its step's metrics plus the summary) and return it."""
+        if outcome is Outcome.COMPLETED:
+            self.record(row, bool(row.get("skipped")))
+        else:
+            self.steps_done = step + 1
+        wall = time.perf_counter() - self.started
+        summary = {
+            **row,
+            "outcome": outcome.value,
+            "divergence_cause": None,
+            "diverged_step": None,
+            "nonfinite_at": None,
+            "nonfinite_module": None,
+            "max_abs_activation": None,
+            **extra,
+            "steps_run": self.steps_done,
+            "skipped_steps": self.skipped,
+            "best_val_loss": self.best_val,
+            "final_val_loss": self.final_val,
+            "wall_time_s": wall,
+            "steps_per_s": self.steps_done / wall if wall > 0 else None,
+            "peak_memory_mb": peak_memory_mb(self.device),
+            **self.fixed,
+        }
+        report(summary)
+        return summary
