@@ -62,6 +62,64 @@ def cmd_make_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
+    from tune_sana.sweep import SweepOptions
+
+    return SweepOptions(
+        name=args.name, storage=args.storage, address=args.address, resume=resume,
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,
+        progress_every_s=args.progress_every,
+    )
+
+
+def _finish_sweep(run_dir: Path) -> int:
+    from tune_sana.results import read_trials
+
+    table = read_trials(run_dir, ["outcome"])
+    counts: dict[str, int] = {}
+    for outcome in table.column(0).to_pylist():
+        counts[outcome] = counts.get(outcome, 0) + 1
+    summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) or "no finished trials"
+    print(f"tune-sana: sweep done: {summary}", file=sys.stderr)
+    print(f"tune-sana: results in {run_dir}  (next: tune-sana report {run_dir})", file=sys.stderr)
+    print(run_dir)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tune_sana import space, sweep
+
+    spec = space.load(args.space, parse_overrides(args.set))
+    name = Path(args.space).stem if args.space else "quickstart"
+    run_dir = sweep.run(spec, _sweep_options(args, args.resume), spec_name=name)
+    return _finish_sweep(run_dir)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from tune_sana import space, sweep
+    from tune_sana.results import SPEC_FILE
+
+    run_dir = Path(args.run_dir).expanduser().resolve()
+    spec_file = run_dir / SPEC_FILE
+    if not spec_file.is_file():
+        raise UserError(f"{run_dir}: not a tune-sana run (no {SPEC_FILE}); "
+                        "pass the folder that tune-sana sweep printed")
+    spec = space.load(spec_file)
+    args.name, args.storage = run_dir.name, str(run_dir.parent)
+    run_dir = sweep.run(spec, _sweep_options(args, True), spec_name=run_dir.name)
+    return _finish_sweep(run_dir)
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="join a Ray cluster (host:port, auto, ray://...)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray")
+    parser.add_argument("--num-gpus", type=int, help="GPUs for the embedded local Ray")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="start Ray's dashboard (on 127.0.0.1) with the embedded Ray")
+    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds between progress lines (default 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tune-sana",
@@ -80,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--steps", type=int, default=1500, help="pretraining steps")
     base.add_argument("--force", action="store_true", help="rebuild even if it exists")
     base.set_defaults(func=cmd_make_base)
+
+    sweep = sub.add_parser("sweep", help="run a search over a space file with Ray Tune")
+    sweep.add_argument("space", nargs="?",
+                       help="space YAML (default: the built-in search_spaces/quickstart.yaml)")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="fix a trial setting (lr=1e-4) or a spec field (search.num_samples=8)")
+    sweep.add_argument("--name", help="run name (default: <space>-<timestamp>)")
+    sweep.add_argument("--storage", default="runs", help="folder holding runs (default: ./runs)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the run named by --name (default: this space's newest)")
+    _add_ray_options(sweep)
+    sweep.set_defaults(func=cmd_sweep)
+
+    resume = sub.add_parser("resume", help="continue a killed sweep from its run directory")
+    resume.add_argument("run_dir")
+    _add_ray_options(resume)
+    resume.set_defaults(func=cmd_resume)
 
     return parser
 

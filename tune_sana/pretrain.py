@@ -7,6 +7,7 @@ of the FP16 and BF16 Sana releases do.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -63,10 +64,15 @@ def make_base(out: Path | None = None, steps: int = PRETRAIN_STEPS, force: bool 
     model: Any = pretrain(steps)  # a diffusers ModelMixin: has save_pretrained
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # .to(fp16) warns about keep-in-fp32 modules: none here
     try:
         model.save_pretrained(tmp)
-        model.to(torch.float16).save_pretrained(tmp, variant="fp16")
-        model.to(torch.bfloat16).save_pretrained(tmp, variant="bf16")
+        # each variant rounds the fp32 weights once (Module.to is in place: chaining would
+        # store the bf16 variant as fp32 -> fp16 -> bf16)
+        for variant, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            copy.deepcopy(model).to(dtype).save_pretrained(tmp, variant=variant)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -205,9 +205,12 @@ class ResultsWriter:
         self._lock = threading.Lock()
         self._trials: dict[str, dict[str, Any]] = {}
         self._parts = 0
+        # Trials finished before a resume: their rows and history stay exactly as written.
+        self.resumed: frozenset[str] = frozenset()
         if resume and (self.run_dir / TRIALS_FILE).is_file():
             for row in pq.read_table(self.run_dir / TRIALS_FILE).to_pylist():
                 self._trials[row["trial_id"]] = row
+            self.resumed = frozenset(self._trials)
             self._drop_unfinished_history()
 
     @property

@@ -1,0 +1,53 @@
+"""A synthetic trial program that never checks its own health: a stand-in for third-party code.
+
+    tune-sana sweep search_spaces/synthetic.yaml
+
+Loss follows a noisy power-law curve whose speed depends on lr; above ``diverge_above`` lr (or
+from step ``nan_from``) it reports NaN every step, as an unguarded training loop would. It costs
+``step_seconds`` of sleep per step, so engine tests and benchmarks can model slow trials cheaply.
+Takes a plain dict config and a ``report`` callable; never imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "steps": 50,
+    "seed": 0,
+    "diverge_above": 1e-2,
+    "nan_from": None,
+    "step_seconds": 0.0,
+    "eval_every": 5,
+}
+
+
+def run(config: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    cfg = {**DEFAULTS, **config}
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"synthetic trial: unknown keys {sorted(unknown)}")
+    rng = random.Random(cfg["seed"])
+    lr = float(cfg["lr"])
+    # The best lr is 1e-3: speed falls off with the log-distance from it.
+    speed = math.exp(-abs(math.log10(lr) - math.log10(1e-3)))
+    diverges_at = 5 if lr > cfg["diverge_above"] else cfg["nan_from"]
+    row: dict[str, Any] = {}
+    for step in range(cfg["steps"]):
+        if cfg["step_seconds"]:
+            time.sleep(cfg["step_seconds"])
+        loss = 0.1 + 1.0 / (1.0 + speed * step) + 0.01 * rng.random()
+        if diverges_at is not None and step >= diverges_at:
+            loss = float("nan")
+        row = {"step": step, "train_loss": loss}
+        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
+            row["val_loss"] = loss
+        if step + 1 == cfg["steps"]:
+            row["outcome"] = "completed"
+        report(row)
+    return row

@@ -1,0 +1,198 @@
+"""The Tune callback that writes the Parquet record on the driver, and prints live progress.
+
+Every reported row goes to history/; every finished trial becomes one trials.parquet row with
+its outcome: ``completed`` or ``diverged`` as the trial said, ``pruned`` when the scheduler
+stopped a finite trial early, ``error`` when it raised (with the message).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from ray.tune import Callback
+
+from tune_sana.results import ResultsWriter
+
+# Keys Ray adds to every result; they are not the trial's metrics.
+_RAY_KEYS = {"config", "trial_id", "experiment_tag", "date", "timestamp", "time_this_iter_s",
+             "time_total_s", "pid", "hostname", "node_ip", "time_since_restore",
+             "iterations_since_restore", "checkpoint_dir_name", "done", "training_iteration"}
+
+
+@dataclass
+class _Track:
+    """What the driver knows of one trial, for the row of a trial that never sent a summary."""
+
+    started: float = field(default_factory=time.time)
+    steps: int = 0
+    best_val: float | None = None
+    final_val: float | None = None
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def update(self, result: dict[str, Any]) -> None:
+        self.last = result
+        if "step" in result:
+            self.steps = int(result["step"]) + 1
+        val = result.get("val_loss")
+        if isinstance(val, (int, float)):
+            self.final_val = float(val)
+            self.best_val = val if self.best_val is None else min(self.best_val, float(val))
+
+
+class ResultsRecorder(Callback):
+    """Writes history rows as they arrive and a trials row when a trial ends.
+
+    Picklable: Ray stores the run config (with its callbacks) in tuner.pkl; after
+    ``Tuner.restore`` the writer is re-opened in resume mode, so finished trials stay as written.
+    """
+
+    def __init__(self, run_dir: str, spec_yaml: str, stream: TextIO | None = None,
+                 progress_every_s: float = 10.0) -> None:
+        self.run_dir = run_dir
+        self.spec_yaml = spec_yaml
+        self.progress_every_s = progress_every_s
+        self._stream = stream
+        self._resume = False
+        self._setup_state()
+
+    def _setup_state(self) -> None:
+        self._writer: ResultsWriter | None = None
+        self._tracks: dict[str, _Track] = {}
+        self._counts: Counter[str] = Counter()
+        self._best: tuple[float, str] | None = None
+        self._last_print = 0.0
+        self._started = time.time()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"run_dir": self.run_dir, "spec_yaml": self.spec_yaml,
+                "progress_every_s": self.progress_every_s}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._stream = None
+        self._resume = True
+        self._setup_state()
+
+    @property
+    def writer(self) -> ResultsWriter:
+        if self._writer is None:
+            self._writer = ResultsWriter(self.run_dir, self.spec_yaml, resume=self._resume)
+            self._counts.update(self._finished_outcomes())
+        return self._writer
+
+    def _finished_outcomes(self) -> list[str]:
+        from tune_sana.results import read_trials
+
+        if not (Path(self.run_dir) / "trials.parquet").is_file():
+            return []
+        return [str(o) for o in read_trials(self.run_dir, ["outcome"]).column(0).to_pylist()]
+
+    # --- Tune hooks --------------------------------------------------------------------------
+
+    def setup(self, *args: Any, **info: Any) -> None:
+        _ = self.writer
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._tracks[trial.trial_id] = _Track()
+        self._progress(trials)
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
+                        result: dict[str, Any], **info: Any) -> None:
+        if trial.trial_id in self.writer.resumed:
+            return
+        metrics = {k: v for k, v in result.items() if k not in _RAY_KEYS}
+        self._tracks.setdefault(trial.trial_id, _Track()).update(metrics)
+        self.writer.add_step(trial.trial_id, metrics)
+        self._progress(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
+                          **info: Any) -> None:
+        track = self._tracks.pop(trial.trial_id, _Track())
+        last = {k: v for k, v in (trial.last_result or {}).items() if k not in _RAY_KEYS}
+        if last:
+            track.update(last)
+        outcome = track.last.get("outcome")
+        summary = dict(track.last)
+        if outcome not in ("completed", "diverged"):
+            summary["outcome"] = "pruned"
+        self._finish(trial, track, summary)
+        self._progress(trials, force=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
+                       **info: Any) -> None:
+        track = self._tracks.pop(trial.trial_id, _Track())
+        summary = dict(track.last)
+        summary.update(outcome="error", error=_error_text(trial))
+        self._finish(trial, track, summary)
+        self._progress(trials, force=True)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        self.writer.flush()
+        self._progress(trials, force=True)
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _finish(self, trial: Any, track: _Track, summary: dict[str, Any]) -> None:
+        if trial.trial_id in self.writer.resumed:
+            return
+        summary.setdefault("steps_run", track.steps)
+        summary.setdefault("best_val_loss", track.best_val)
+        summary.setdefault("final_val_loss", track.final_val)
+        summary.setdefault("wall_time_s", time.time() - track.started)
+        if summary.get("pairing") is None and "precision" in trial.config:
+            summary["pairing"] = _pairing(trial.config)
+        self.writer.finish_trial(trial.trial_id, dict(trial.config), summary)
+        outcome = str(summary["outcome"])
+        self._counts[outcome] += 1
+        best = summary.get("best_val_loss")
+        if outcome in ("completed", "pruned") and isinstance(best, (int, float)):
+            if self._best is None or best < self._best[0]:
+                self._best = (float(best), trial.trial_id)
+
+    def _progress(self, trials: list[Any], force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_print < self.progress_every_s:
+            return
+        self._last_print = now
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        pending = sum(1 for t in trials if t.status == "PENDING")
+        parts = [f"running {running}", f"pending {pending}"] + [
+            f"{name} {self._counts.get(name, 0)}"
+            for name in ("completed", "diverged", "pruned", "error")
+        ]
+        best = f" | best val_loss {self._best[0]:.4g} ({self._best[1]})" if self._best else ""
+        stream = self._stream or sys.stderr
+        print(f"[{now - self._started:6.0f}s] " + " | ".join(parts) + best, file=stream,
+              flush=True)
+
+
+def _pairing(config: dict[str, Any]) -> str | None:
+    """native / crossed / n/a for a trial that never sent its summary (pruned, error)."""
+    from tune_sana.config import Precision
+    from tune_sana.precision import pairing
+
+    try:
+        return pairing(Precision(config["precision"]), config.get("variant"))
+    except ValueError:
+        return None
+
+
+def _error_text(trial: Any) -> str:
+    """The last line of the trial's error (its exception type and message)."""
+    for attr in ("error_msg", "error_message"):
+        text = getattr(trial, attr, None)
+        if text:
+            break
+    else:
+        path = getattr(trial, "error_file", None) or ""
+        try:
+            text = Path(path).read_text() if path else ""
+        except OSError:
+            text = ""
+    lines = [line for line in str(text or "").strip().splitlines() if line.strip()]
+    return lines[-1][:2000] if lines else "trial failed"

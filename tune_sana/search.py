@@ -1,0 +1,88 @@
+"""Search algorithms, and what Optuna is told about a diverged trial.
+
+Ray's stock OptunaSearch tells Optuna a NaN as COMPLETE; Optuna refuses it, Ray logs a warning
+and the Optuna trial stays RUNNING forever, so TPE never learns that the region diverges
+(reference/hpo.md). Here a diverged trial is told as COMPLETE with a penalty value *and* marked
+infeasible with ``Trial.set_constraint("diverged", 1.0)``: TPE puts every infeasible trial on
+the bad side of its split, so the sampler learns to stay away from unstable regions whatever the
+penalty's size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from ray.tune.search import BasicVariantGenerator, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from tune_sana.space import SweepSpec, optuna_space
+from tune_sana.stopping import is_diverged
+
+DIVERGED_ATTR = "diverged"
+
+
+class DivergenceAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records diverged trials as infeasible, finished trials (never RUNNING).
+
+    The value told for a diverged trial is a penalty: twice the worst finite value seen so far
+    (in the direction of ``mode``), or 1e6 before any; the trial's cause is kept in user attrs.
+    A non-finite metric never reaches ``study.tell``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._worst: float | None = None
+
+    def _penalty(self) -> float:
+        if self._worst is None:
+            return 1e6 if self._mode != "max" else -1e6
+        scale = abs(self._worst) + 1.0
+        return self._worst + scale if self._mode != "max" else self._worst - scale
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """Intermediate values only when the metric was evaluated and is finite."""
+        value = result.get(str(self._metric))
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
+                          error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        if result and is_diverged(result):
+            ot_trial = self._ot_trials[trial_id]
+            ot_trial.set_user_attr(DIVERGED_ATTR, True)
+            ot_trial.set_constraint(DIVERGED_ATTR, 1.0)  # > 0: infeasible
+            ot_trial.set_user_attr("divergence_cause", str(result.get("divergence_cause")))
+            study: Any = self._ot_study
+            study.tell(ot_trial, self._penalty(), state=optuna.trial.TrialState.COMPLETE)
+            self._completed_trials.add(trial_id)
+            return
+        value = result.get(str(self._metric)) if result else None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            worse = self._worst is None or (value > self._worst if self._mode != "max"
+                                             else value < self._worst)
+            self._worst = float(value) if worse else self._worst
+        super().on_trial_complete(trial_id, result, error)
+
+
+def build_searcher(spec: SweepSpec) -> tuple[Searcher, dict[str, Any]]:
+    """(search_alg, param_space for the Tuner). Optuna holds its own space; grid and random use
+    Ray's variant generator over the param_space."""
+    from tune_sana.space import ray_space
+
+    if spec.search.algorithm == "optuna":
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(
+            seed=spec.search.seed,
+            n_startup_trials=min(8, max(2, spec.search.num_samples // 3)),
+        )
+        searcher = DivergenceAwareOptunaSearch(
+            space=optuna_space(spec), metric=spec.metric, mode=spec.mode, sampler=sampler,
+        )
+        return searcher, {}
+    generator: Any = BasicVariantGenerator(random_state=spec.search.seed,
+                                      max_concurrent=spec.search.max_concurrent)
+    return generator, ray_space(spec)

@@ -1,0 +1,292 @@
+"""Search spaces: YAML -> a validated SweepSpec -> Ray Tune and Optuna distributions.
+
+A space file names the trial program, the metric, the search algorithm, the scheduler, the
+resources per trial, the fixed settings and the searched ones::
+
+    trial: sana_finetune
+    metric: val_loss
+    mode: min
+    search: {algorithm: optuna, num_samples: 24, seed: 0, max_concurrent: 2}
+    scheduler: {type: asha, grace_period: 40, reduction_factor: 3}
+    resources: {cpu: 1, gpu: 0}
+    fixed: {model: demo-base, steps: 120}
+    space:
+      lr: {loguniform: [1.0e-5, 1.0e-1]}
+      precision: {choice: [fp32, fp16-amp, bf16-amp]}
+      max_grad_norm: {choice: [null, 1.0]}
+
+Distributions (bounds are explicit; ``loguniform`` and ``uniform`` sample in [low, high),
+``int`` is inclusive of both ends, ``log: true`` on ``int`` samples on a log scale):
+``loguniform: [low, high]``, ``uniform: [low, high]``, ``int: [low, high]`` (+ ``log``),
+``choice: [...]`` (null allowed), ``grid: [...]`` (every value, with algorithm grid or random).
+Unknown keys anywhere are errors naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.resources
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tune_sana.config import TRIAL_KEYS, UserError, build_config, did_you_mean
+
+TRIALS: dict[str, str] = {
+    "sana_finetune": "trials.sana_finetune:run",
+    "synthetic": "trials.synthetic:run",
+}
+# Trials that take a validated TrialConfig; any other trial program gets its config as a dict.
+TRIAL_CONFIG_TRIALS = frozenset({"sana_finetune"})
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SearchSpec(_Strict):
+    """How configurations are proposed."""
+
+    algorithm: Literal["random", "grid", "optuna"] = "optuna"
+    num_samples: int = Field(16, ge=1, description="trials to run (grid: repeats of the grid)")
+    seed: int = Field(0, ge=0, description="seeds the searcher, so a sweep repeats")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+
+
+class SchedulerSpec(_Strict):
+    """Early stopping of slow-but-finite trials, on the validation metric."""
+
+    type: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(50, ge=1, description="reports a trial runs before it can be pruned")
+    reduction_factor: float = Field(3.0, gt=1)
+    max_t: int | None = Field(None, ge=1, description="default: the trial's steps")
+
+
+class ResourcesSpec(_Strict):
+    """Per trial. Fractional GPUs pack several trials onto one GPU (Ray does not limit memory)."""
+
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+
+
+class Dimension(_Strict):
+    """One searched key: exactly one distribution."""
+
+    loguniform: tuple[float, float] | None = None
+    uniform: tuple[float, float] | None = None
+    int: tuple[builtins.int, builtins.int] | None = None
+    log: bool = False
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_distribution(self) -> Dimension:
+        given = [d for d in DISTRIBUTIONS if getattr(self, d) is not None]
+        if len(given) != 1:
+            names = ", ".join(DISTRIBUTIONS)
+            raise ValueError(f"give exactly one of {names} (got {given or 'none'})")
+        kind = given[0]
+        if kind in ("loguniform", "uniform", "int"):
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(
+                    f"{kind} range [{low}, {high}] is empty or inverted; need low < high")
+            if (kind == "loguniform" or self.log) and low <= 0:
+                raise ValueError(f"{kind} on a log scale needs low > 0 (got {low})")
+        if self.log and kind != "int":
+            raise ValueError("'log' applies to int only; use loguniform for floats")
+        if kind in ("choice", "grid") and not getattr(self, kind):
+            raise ValueError(f"{kind} needs at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(d for d in DISTRIBUTIONS if getattr(self, d) is not None)
+
+    def values(self) -> list[Any]:
+        """Every value a choice/grid can take (for validation)."""
+        return list(self.choice or self.grid or [])
+
+
+class SweepSpec(_Strict):
+    """A whole sweep, as loaded from a space file plus ``--set`` overrides."""
+
+    trial: str = "sana_finetune"
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    search: SearchSpec = SearchSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    space: dict[str, Dimension] = Field(default_factory=dict)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def builtin_space_path(name: str) -> Path:
+    """search_spaces/<name>.yaml shipped with the package."""
+    root = importlib.resources.files("search_spaces")
+    return Path(str(root.joinpath(f"{name}.yaml")))
+
+
+def _locate(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+
+
+def parse_spec(raw: Mapping[str, Any], source: str) -> SweepSpec:
+    """Validate a mapping; every problem is a UserError naming the key and ``source``."""
+    top = set(SweepSpec.model_fields)
+    for key in raw:
+        if key not in top:
+            raise UserError(f"{source}: unknown key '{key}'{did_you_mean(key, top)}; "
+                            f"valid top-level keys: {', '.join(sorted(top))}")
+    try:
+        spec = SweepSpec(**raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = _locate(first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            section = _locate(first["loc"][:-1])
+            bad = str(first["loc"][-1])
+            sections: dict[str, type[BaseModel]] = {
+                "search": SearchSpec, "scheduler": SchedulerSpec, "resources": ResourcesSpec}
+            model = sections.get(section.split(".")[0], Dimension)
+            valid = DISTRIBUTIONS if model is Dimension else tuple(model.model_fields)
+            raise UserError(f"{source}: unknown key '{loc}'{did_you_mean(bad, valid)}; "
+                            f"valid here: {', '.join(valid)}") from None
+        raise UserError(f"{source}: key '{loc}': {msg}") from None
+    _check_against_trial(spec, source)
+    return spec
+
+
+def _check_against_trial(spec: SweepSpec, source: str) -> None:
+    if spec.trial not in TRIALS:
+        hint = did_you_mean(spec.trial, TRIALS)
+        raise UserError(f"{source}: unknown trial '{spec.trial}'{hint}; "
+                        f"known trials: {', '.join(TRIALS)}")
+    if spec.trial not in TRIAL_CONFIG_TRIALS:
+        return
+    for section in ("fixed", "space"):
+        for key in getattr(spec, section):
+            if key not in TRIAL_KEYS:
+                raise UserError(f"{source}: unknown key '{section}.{key}'"
+                                f"{did_you_mean(key, TRIAL_KEYS)}; valid trial keys: "
+                                f"{', '.join(TRIAL_KEYS)}")
+    both = set(spec.fixed) & set(spec.space)
+    if both:
+        raise UserError(f"{source}: '{sorted(both)[0]}' is both fixed and searched; keep one")
+    build_config(spec.fixed, source=f"{source}: fixed")
+    for key, dim in spec.space.items():
+        if dim.kind in ("choice", "grid"):
+            for value in dim.values():
+                build_config({**spec.fixed, key: value}, source=f"{source}: space.{key}")
+        elif dim.kind == "int":
+            assert dim.int is not None
+            build_config({**spec.fixed, key: dim.int[0]}, source=f"{source}: space.{key}")
+        else:
+            low, _ = getattr(dim, dim.kind)
+            build_config({**spec.fixed, key: low}, source=f"{source}: space.{key}")
+    if spec.search.algorithm == "optuna" and any(d.kind == "grid" for d in spec.space.values()):
+        raise UserError(f"{source}: 'grid' needs search.algorithm grid or random; "
+                        "with optuna use 'choice'")
+    if spec.search.algorithm == "grid" and any(d.kind != "grid" for d in spec.space.values()):
+        loose = next(k for k, d in spec.space.items() if d.kind != "grid")
+        raise UserError(f"{source}: search.algorithm grid needs every space key as grid "
+                        f"('{loose}' is not); or use algorithm random")
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``--set``: a trial key goes to ``fixed`` (and leaves ``space``); a dotted key such as
+    ``search.num_samples`` sets that section's field."""
+    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for key, value in overrides.items():
+        if "." in key:
+            _set_path(out, key, value)
+        else:
+            out.setdefault("fixed", {})[key] = value
+            (out.get("space") or {}).pop(key, None)
+    return dict(out)
+
+
+def read_space_file(path: str | Path) -> dict[str, Any]:
+    """Read a space file with the safe YAML loader; errors name the file."""
+    file = Path(path)
+    if not file.is_file():
+        hint = ""
+        if not file.suffix and builtin_space_path(str(path)).is_file():
+            hint = f" (did you mean the built-in space: {builtin_space_path(str(path))}?)"
+        raise UserError(f"{path}: no such space file{hint}")
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"{path}: malformed YAML{where}; fix the syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: a space file is a mapping (trial:, fixed:, space:, ...)")
+    return loaded
+
+
+def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
+    """Load a space file (None: the built-in quickstart), apply overrides, validate."""
+    file = Path(path) if path is not None else builtin_space_path("quickstart")
+    raw = apply_overrides(read_space_file(file), overrides or {})
+    return parse_spec(raw, source=str(file))
+
+
+# --- conversion --------------------------------------------------------------------------------
+
+def ray_space(spec: SweepSpec) -> dict[str, Any]:
+    """The param_space for Tuner (random and grid search)."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, dim in spec.space.items():
+        if dim.loguniform is not None:
+            out[key] = tune.loguniform(*dim.loguniform)
+        elif dim.uniform is not None:
+            out[key] = tune.uniform(*dim.uniform)
+        elif dim.int is not None:
+            low, high = dim.int
+            out[key] = tune.lograndint(low, high + 1) if dim.log else tune.randint(low, high + 1)
+        elif dim.choice is not None:
+            out[key] = tune.choice(dim.choice)
+        else:
+            out[key] = tune.grid_search(dim.values())
+    return out
+
+
+def optuna_space(spec: SweepSpec) -> dict[str, Any]:
+    """Optuna distributions (low/high inclusive in Optuna; a float ``high`` is rarely drawn)."""
+    import optuna.distributions as od
+
+    out: dict[str, Any] = {}
+    for key, dim in spec.space.items():
+        if dim.loguniform is not None:
+            out[key] = od.FloatDistribution(*dim.loguniform, log=True)
+        elif dim.uniform is not None:
+            out[key] = od.FloatDistribution(*dim.uniform)
+        elif dim.int is not None:
+            out[key] = od.IntDistribution(*dim.int, log=dim.log)
+        else:
+            out[key] = od.CategoricalDistribution(dim.values())
+    return out

@@ -1,0 +1,263 @@
+"""Build and run the sweep: a ray.tune.Tuner over a trial program, locally or on a cluster.
+
+The trial program never imports Ray: ``_trainable`` (run inside each Tune trial) validates the
+config, hands the trial a ``report`` that cleans every row (NaN never reaches Ray) and forwards it
+to ``ray.tune.report``. The driver owns the Parquet record (``recorder.ResultsRecorder``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tune_sana.config import TrialConfig, UserError, build_config
+from tune_sana.results import SPEC_FILE
+from tune_sana.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec
+
+DEFAULT_STORAGE = "runs"
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """How and where to run a spec (everything that is not the search space itself)."""
+
+    name: str | None = None
+    storage: str = DEFAULT_STORAGE
+    address: str | None = None
+    resume: bool = False
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    dashboard: bool = False
+    progress_every_s: float = 10.0
+    connect_timeout_s: float = 30.0
+
+
+def load_trial(name: str) -> Callable[[Any, Callable[[dict[str, Any]], None]], Any]:
+    """The trial program's ``run(config, report)`` function, by the name a space file gives."""
+    module_name, _, func = TRIALS[name].partition(":")
+    run: Callable[[Any, Callable[[dict[str, Any]], None]], Any] = getattr(
+        importlib.import_module(module_name), func)
+    return run
+
+
+def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str,
+               cpus: float) -> None:
+    """Runs in a Tune trial: one trial program call, reporting through Ray."""
+    from ray import tune
+
+    from tune_sana.stopping import sanitize
+
+    values = {**fixed, **config}
+    if trial in TRIAL_CONFIG_TRIALS:
+        import torch
+
+        torch.set_num_threads(max(1, int(cpus)))  # a trial's CPU share, not the whole node
+    run = load_trial(trial)
+
+    def report(row: dict[str, Any]) -> None:
+        tune.report(sanitize(row))
+
+    config_arg = build_config(values, "trial config") if trial in TRIAL_CONFIG_TRIALS else values
+    run(config_arg, report)
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+def _is_uri(storage: str) -> bool:
+    return "://" in storage
+
+
+def storage_root(storage: str) -> str:
+    """An absolute local path (created and checked for writing) or a URI left as is."""
+    if _is_uri(storage):
+        return storage
+    root = Path(storage).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".tune-sana-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--storage {storage}: not writable ({err.strerror}); "
+                        "choose a folder you can write to") from None
+    return str(root)
+
+
+def _latest_run(root: Path, prefix: str) -> Path | None:
+    runs = [p for p in root.glob(f"{prefix}-*") if (p / SPEC_FILE).is_file()]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def run_dir_for(spec_name: str, options: SweepOptions) -> Path:
+    """The run directory: <storage>/<name>; on --resume without a name, the newest run of
+    this space under storage."""
+    root = Path(storage_root(options.storage))
+    if options.name:
+        return root / options.name
+    if options.resume:
+        latest = _latest_run(root, spec_name)
+        if latest is None:
+            raise UserError(f"--resume: no earlier run of '{spec_name}' under {root}; "
+                            "pass --name of the run to resume, or drop --resume")
+        return latest
+    return root / f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_resumable(run_dir: Path, spec: SweepSpec) -> None:
+    """--resume needs the same spec as the run it continues (Ray cannot change the space)."""
+    saved = run_dir / SPEC_FILE
+    if not saved.is_file():
+        raise UserError(f"--resume: {run_dir} is not a tune-sana run (no {SPEC_FILE})")
+    before = yaml.safe_load(saved.read_text())
+    now = yaml.safe_load(spec.to_yaml())
+    if before != now:
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise UserError(f"--resume: the space differs from the run in {run_dir} "
+                        f"(changed: {', '.join(changed)}); resume with the same file and "
+                        "--set values, or start a new run without --resume")
+
+
+def write_spec(run_dir: Path, spec: SweepSpec) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{SPEC_FILE}.tmp"
+    tmp.write_text(spec.to_yaml())
+    os.replace(tmp, run_dir / SPEC_FILE)
+
+
+# --- Ray -----------------------------------------------------------------------------------
+
+def init_ray(options: SweepOptions) -> None:
+    """Join ``--address`` (or $RAY_ADDRESS, as under ``ray job submit``), else start an embedded
+    Ray bound to 127.0.0.1 without a dashboard (unless asked)."""
+    import ray
+
+    # Rows between evaluations carry no val_loss: that is expected, not an error.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if ray.is_initialized():
+        return
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        _check_reachable(address, options.connect_timeout_s)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    ray.init(
+        num_cpus=options.num_cpus,
+        num_gpus=options.num_gpus,
+        include_dashboard=options.dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail in bounded time with one line if a host:port cluster address does not answer."""
+    import socket
+
+    if address in ("auto", "local") or address.startswith(("ray://", "http")):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected host:port (e.g. 10.0.0.1:6379) or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(timeout_s, 10.0)):
+            pass
+    except OSError as err:
+        raise UserError(f"--address {address}: no Ray head answers ({err}); start one with "
+                        "'ray start --head' or check the address") from None
+
+
+def _max_t(spec: SweepSpec) -> int:
+    if spec.scheduler.max_t is not None:
+        return spec.scheduler.max_t
+    if "steps" in spec.space:
+        dim = spec.space["steps"]
+        if dim.int is not None:
+            return dim.int[1]
+        return max(int(v) for v in dim.values())
+    return int(spec.fixed.get("steps", TrialConfig.model_fields["steps"].default))
+
+
+def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: bool) -> Any:
+    """The Tuner (fresh, or restored from ``run_dir``)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from tune_sana.recorder import ResultsRecorder
+    from tune_sana.search import build_searcher
+    from tune_sana.stopping import DivergenceStopper
+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, fixed=dict(spec.fixed), trial=spec.trial,
+                             cpus=spec.resources.cpu),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    if restore:
+        return tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    searcher, param_space = build_searcher(spec)
+    if spec.scheduler.type == "asha":
+        scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=_max_t(spec),
+                                       grace_period=spec.scheduler.grace_period,
+                                       reduction_factor=spec.scheduler.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    recorder = ResultsRecorder(str(run_dir), spec.to_yaml(),
+                               progress_every_s=options.progress_every_s)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
+            num_samples=spec.search.num_samples,
+            max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.parent), stop=DivergenceStopper(),
+            callbacks=[recorder], verbose=0,
+        ),
+    )
+
+
+def prepare(spec: SweepSpec) -> None:
+    """Driver-side work done once before any trial: build the demo base if a trial uses it."""
+    from tune_sana.pretrain import ensure_demo_base
+
+    models = {spec.fixed.get("model", TrialConfig.model_fields["model"].default)}
+    if "model" in spec.space:
+        models |= set(spec.space["model"].values())
+    if "demo-base" in models:
+        ensure_demo_base()
+
+
+def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Path:
+    """Run (or resume) the sweep; returns the run directory holding the Parquet record."""
+    run_dir = run_dir_for(spec_name, options)
+    if options.resume:
+        check_resumable(run_dir, spec)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                        "choose another --name")
+    if _is_uri(options.storage):
+        raise UserError(f"--storage {options.storage}: URIs are not supported for the Parquet "
+                        "record yet; use a shared filesystem path")
+    prepare(spec)
+    init_ray(options)
+    if not options.resume:
+        write_spec(run_dir, spec)
+    from ray import tune
+
+    restore = options.resume and tune.Tuner.can_restore(str(run_dir))
+    tuner = build_tuner(spec, run_dir, options, restore=restore)
+    tuner.fit()
+    return run_dir
