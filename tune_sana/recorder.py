@@ -52,12 +52,12 @@ class ResultsRecorder(Callback):
     """
 
     def __init__(self, run_dir: str, spec_yaml: str, stream: TextIO | None = None,
-                 progress_every_s: float = 10.0) -> None:
+                 progress_every_s: float = 10.0, resume: bool = False) -> None:
         self.run_dir = run_dir
         self.spec_yaml = spec_yaml
         self.progress_every_s = progress_every_s
         self._stream = stream
-        self._resume = False
+        self._resume = resume
         self._setup_state()
 
     def _setup_state(self) -> None:

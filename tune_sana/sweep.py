@@ -137,6 +137,13 @@ def write_spec(run_dir: Path, spec: SweepSpec) -> None:
 def init_ray(options: SweepOptions) -> None:
     """Join ``--address`` (or $RAY_ADDRESS, as under ``ray job submit``), else start an embedded
     Ray bound to 127.0.0.1 without a dashboard (unless asked)."""
+    address = options.address or os.environ.get("RAY_ADDRESS")
+    loopback = bool(address) and str(address).split(":")[0] in ("127.0.0.1", "localhost")
+    if loopback:
+        # Ray rewrites a loopback address to this host's NIC address before connecting, which a
+        # head bound to 127.0.0.1 does not listen on. Ray's single-machine mode keeps loopback;
+        # it is read when ray is first imported, so set it before that.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     # Rows between evaluations carry no val_loss: that is expected, not an error.
@@ -144,10 +151,16 @@ def init_ray(options: SweepOptions) -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return
-    address = options.address or os.environ.get("RAY_ADDRESS")
     if address:
         _check_reachable(address, options.connect_timeout_s)
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except ConnectionError as err:
+            if "InvalidAuthToken" in repr(err.__cause__) or "auth" in str(err).lower():
+                raise UserError(f"--address {address}: the cluster uses token authentication; "
+                                "export RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN or "
+                                "~/.ray/auth_token) and run again") from None
+            raise
         return
     ray.init(
         num_cpus=options.num_cpus,
@@ -213,7 +226,7 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
     else:
         scheduler = FIFOScheduler()
     recorder = ResultsRecorder(str(run_dir), spec.to_yaml(),
-                               progress_every_s=options.progress_every_s)
+                               progress_every_s=options.progress_every_s, resume=options.resume)
     return tune.Tuner(
         trainable,
         param_space=param_space,

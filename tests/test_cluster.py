@@ -1,0 +1,94 @@
+"""The same sweep command on a real Ray cluster: a head node on 127.0.0.1, joined with --address
+and through `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.engine import trials_by_id, write_space
+from tune_sana.cli import main
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# Token auth on, as Ray 2.60 recommends: the head, the job CLI and the driver all use it.
+CLUSTER_ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+               "RAY_AUTH_MODE": "token"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(gcs address, dashboard address) of a fresh head node, stopped afterwards."""
+    if not shutil.which(RAY):
+        pytest.fail(f"{RAY} not found: install the cluster extra (pip install -e .[cluster])")
+    port, dash = _free_port(), _free_port()
+    env = CLUSTER_ENV
+    subprocess.run(
+        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+         "--disable-usage-stats", "--include-dashboard", "true"],
+        check=True, env=env, capture_output=True, timeout=120,
+    )
+    try:
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _space(tmp_path: Path) -> Path:
+    return write_space(tmp_path, "cluster", {
+        "trial": "synthetic",
+        "search": {"algorithm": "optuna", "num_samples": 4, "seed": 0, "max_concurrent": 2},
+        "scheduler": {"type": "fifo"},
+        "fixed": {"steps": 10, "diverge_above": 1e-2},
+        "space": {"lr": {"loguniform": [1e-4, 1.0]}},
+    })
+
+
+def test_sweep_joins_a_cluster_with_address(head: tuple[str, str], tmp_path: Path) -> None:
+    gcs, _ = head
+    result = subprocess.run(
+        [sys.executable, "-m", "tune_sana.cli", "sweep", str(_space(tmp_path)), "--address", gcs,
+         "--storage", str(tmp_path), "--name", "a"],
+        capture_output=True, text=True, timeout=300, env=CLUSTER_ENV,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(trials_by_id(tmp_path / "a")) == 4
+
+
+def test_sweep_submitted_as_a_ray_job(head: tuple[str, str], tmp_path: Path) -> None:
+    _, dashboard = head
+    result = subprocess.run(
+        [RAY, "job", "submit", "--address", dashboard, "--",
+         sys.executable, "-m", "tune_sana.cli", "sweep", str(_space(tmp_path)),
+         "--storage", str(tmp_path), "--name", "j"],
+        capture_output=True, text=True, timeout=300, env=CLUSTER_ENV,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
+    assert "succeeded" in result.stdout.lower()
+    assert len(trials_by_id(tmp_path / "j")) == 4
+
+
+def test_unreachable_address_is_one_line_in_bounded_time(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["sweep", str(_space(tmp_path)), "--address", f"127.0.0.1:{_free_port()}",
+                 "--storage", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("tune-sana: error: --address 127.0.0.1:") and "\n" not in err
+    assert not any(tmp_path.glob("cluster-*")), "nothing written for a failed start"

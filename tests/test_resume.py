@@ -1,0 +1,70 @@
+"""A sweep whose driver is SIGKILLed mid-run is finished by --resume: nothing lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine import trials_by_id, write_space
+from tune_sana.results import read_history
+
+pytestmark = pytest.mark.slow
+
+SAMPLES = 6
+STEPS = 30
+
+
+def _sweep(space_file: Path, storage: Path, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "tune_sana.cli", "sweep", str(space_file), "--storage",
+           str(storage), "--name", "k", "--num-cpus", "2", "--progress-every", "30", *extra]
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _finished(run_dir: Path) -> dict[str, dict[str, object]]:
+    if not (run_dir / "trials.parquet").is_file():
+        return {}
+    return trials_by_id(run_dir)
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path: Path) -> None:
+    space_file = write_space(tmp_path, "slow", {
+        "trial": "synthetic",
+        "search": {"algorithm": "random", "num_samples": SAMPLES, "seed": 0, "max_concurrent": 2},
+        "scheduler": {"type": "fifo"},
+        "fixed": {"steps": STEPS, "step_seconds": 0.1, "diverge_above": 10.0},
+        "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
+    })
+    run_dir = tmp_path / "k"
+    driver = _sweep(space_file, tmp_path)
+    deadline = time.monotonic() + 180
+    while len(_finished(run_dir)) < 2:
+        assert driver.poll() is None, driver.stderr.read() if driver.stderr else ""
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+    time.sleep(1.5)  # let the next trials get going, so some are cut mid-run
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = _finished(run_dir)
+    assert 2 <= len(before) < SAMPLES
+
+    resumed = _sweep(space_file, tmp_path, "--resume")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+
+    after = _finished(run_dir)
+    assert len(after) == SAMPLES
+    for trial_id, row in before.items():
+        assert after[trial_id] == row  # finished trials unchanged, not re-run
+    history = read_history(run_dir, ["trial_id", "step"]).to_pylist()
+    pairs = [(r["trial_id"], r["step"]) for r in history]
+    assert len(pairs) == len(set(pairs)), "a step was recorded twice"
+    for trial_id in after:
+        steps = sorted(s for t, s in pairs if t == trial_id)
+        assert steps == list(range(STEPS)), trial_id
