@@ -19,11 +19,13 @@ import torch
 
 from tune_sana import precision as prec
 from tune_sana.attention import use_fp32_linear_attention
+from tune_sana.checkpoint import Checkpointer, TrainState
 from tune_sana.config import Outcome, TrialConfig
 from tune_sana.data import load_data
 from tune_sana.flow import flow_loss, make_batch
 from tune_sana.guard import Guard, grad_norm, param_norm
 from tune_sana.health import Cause, Verdict, clean
+from tune_sana.lora import apply_finetune
 from tune_sana.models import load_transformer
 from tune_sana.runtime import Batches, RunStats, pick_device
 from tune_sana.schedule import lr_factor
@@ -32,8 +34,15 @@ from tune_sana.validation import FixedValidation
 Report = Callable[[dict[str, Any]], None]
 
 
-def run(config: TrialConfig, report: Report) -> dict[str, Any]:
-    """Train for ``config.steps`` steps or until divergence; returns the summary row."""
+def run(config: TrialConfig, report: Report,
+        on_model: Callable[[torch.nn.Module], None] | None = None,
+        checkpoint: Checkpointer | None = None) -> dict[str, Any]:
+    """Train for ``config.steps`` steps or until divergence; returns the summary row.
+
+    ``on_model``, if given, is called once with the ready model (precision and attention applied,
+    in train mode) before the first step: a seam for tests and diagnostics to register hooks,
+    e.g. one that corrupts a weight at a chosen step. Engines never pass it.
+    """
     # --- setup -----------------------------------------------------------------------------
     device = pick_device(config.device)
     policy = prec.policy_for(config.precision)
@@ -45,9 +54,12 @@ def run(config: TrialConfig, report: Report) -> dict[str, Any]:
     data = load_data(config.data)
     model = load_transformer(config.model, variant=config.variant, dtype=policy.weight_dtype,
                              seed=config.seed).to(device)
+    model = apply_finetune(model, config, policy.weight_dtype)  # full, or LoRA on a frozen base
     if config.attention_fp32:
         use_fp32_linear_attention(model)
     model.train()
+    if on_model is not None:
+        on_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
@@ -61,9 +73,12 @@ def run(config: TrialConfig, report: Report) -> dict[str, Any]:
     batches = Batches(data.train, config.batch_size, seed=config.seed)
     noise_gen = torch.Generator().manual_seed(config.seed)
     stats = RunStats(config, policy, device, n_params=sum(p.numel() for p in params))
+    state = TrainState(model, optimizer, scheduler, scaler, batches, noise_gen, guard, stats)
+    saved = checkpoint.restore() if checkpoint is not None else None
+    start = state.read(saved) if saved is not None else 0  # a retried trial goes on from there
 
     # --- loop ------------------------------------------------------------------------------
-    for step in range(config.steps):
+    for step in range(start, config.steps):
         started = time.perf_counter()
         lr = float(scheduler.get_last_lr()[0])
         batch = make_batch(batches.next(), noise_gen, config.logit_mean, config.logit_std,
@@ -111,9 +126,15 @@ def run(config: TrialConfig, report: Report) -> dict[str, Any]:
                 return stats.finish(report, step, Outcome.DIVERGED, where.row(), row=row)
         stats.record(row, skipped)
         if step + 1 < config.steps:
+            if checkpoint is not None and _due(step, config.checkpoint_every):
+                checkpoint.save(functools.partial(state.write, next_step=step + 1))
             report(row)
 
     return stats.finish(report, config.steps - 1, Outcome.COMPLETED, {}, row=row)
+
+
+def _due(step: int, every: int | None) -> bool:
+    return every is not None and (step + 1) % every == 0
 
 
 def _forward(model: torch.nn.Module, batch: Any, policy: prec.PrecisionPolicy,

@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "nan_from": None,
     "step_seconds": 0.0,
     "eval_every": 5,
+    "allocate_gb": None,  # allocate this much at step 2 (a real out-of-memory on the CPU)
 }
 
 
@@ -41,6 +42,10 @@ def run(config: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> dic
     for step in range(cfg["steps"]):
         if cfg["step_seconds"]:
             time.sleep(cfg["step_seconds"])
+        if cfg["allocate_gb"] is not None and step == 2:
+            import torch
+
+            torch.empty(int(cfg["allocate_gb"] * 2**30), dtype=torch.uint8).fill_(1)
         loss = 0.1 + 1.0 / (1.0 + speed * step) + 0.01 * rng.random()
         if diverges_at is not None and step >= diverges_at:
             loss = float("nan")

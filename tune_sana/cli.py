@@ -44,6 +44,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     values = _read_yaml_mapping(args.config) if args.config else {}
     values.update(parse_overrides(args.set))
     config = build_config(values, source=args.config or "--set")
+    config = _prepared(config)
     if config.model == "demo-base":
         ensure_demo_base()
 
@@ -110,6 +111,44 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _finish_sweep(run_dir)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tune_sana.report import report
+
+    print(report(args.run_dirs, top=args.top, plots_dir=args.plots, html_file=args.html),
+          end="")
+    return 0
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from tune_sana.best import best
+
+    print(best(args.run_dir, args.format), end="")
+    return 0
+
+
+def _prepared(config: Any) -> Any:
+    """The config with an images folder / manifest as ``data`` replaced by its encoded cache."""
+    from tune_sana.encode import prepare_data
+
+    return config.model_copy(update={"data": prepare_data(config.data, config.model)})
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from tune_sana.encode import build_cache
+
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "func", "data", "model") and v is not None}
+    print(build_cache(args.data, args.model, **options))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tune_sana.export import export
+
+    print(export(args.run_dir, args.trial, out=args.out, device=args.device, force=args.force))
+    return 0
+
+
 def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="join a Ray cluster (host:port, auto, ray://...)")
     parser.add_argument("--num-cpus", type=int, help="CPUs for the embedded local Ray")
@@ -155,6 +194,58 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir")
     _add_ray_options(resume)
     resume.set_defaults(func=cmd_resume)
+
+    rep = sub.add_parser("report", help="tables (and charts) of one or more run dirs, "
+                                        "from their Parquet files; works while a sweep runs")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--top", type=int, default=10, help="trials in the ranking (default 10)")
+    rep.add_argument("--plots", metavar="DIR", help="write stability map, curves and causes PNGs")
+    rep.add_argument("--html", metavar="FILE", help="write one self-contained HTML page")
+    rep.set_defaults(func=cmd_report)
+
+    best = sub.add_parser("best", help="the best completed trial's config, for trial --config")
+    best.add_argument("run_dir")
+    best.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    best.set_defaults(func=cmd_best)
+
+    cache = sub.add_parser("cache", help="encode an image folder or manifest once (DC-AE "
+                           "latents + Gemma-2 caption embeddings); prints the folder for data:")
+    cache.add_argument("data", help="image folder (x.png + x.txt captions) or .jsonl/.parquet "
+                       "manifest (image, caption)")
+    cache.add_argument("--model", required=True,
+                       help="Sana pipeline folder or hub id (vae/, text_encoder/, tokenizer/)")
+    cache.add_argument("--resolution", type=int, help="image side in px (default: checkpoint's)")
+    cache.add_argument("--size-policy", dest="size_policy", choices=["crop", "stretch", "exact"],
+                       help="crop (default): scale short side + center crop; stretch; exact")
+    cache.add_argument("--allow-upscale", dest="allow_upscale", action="store_true", default=None,
+                       help="accept images smaller than the resolution")
+    cache.add_argument("--max-sequence-length", dest="max_sequence_length", type=int,
+                       help="caption tokens (default 300)")
+    cache.add_argument("--no-complex-human-instruction", dest="complex_human_instruction",
+                       action="store_false", default=None,
+                       help="encode captions without SanaPipeline's default instruction prefix")
+    cache.add_argument("--val-fraction", dest="val_fraction", type=float,
+                       help="held-out share (default 0.1)")
+    cache.add_argument("--val-max", dest="val_max", type=int,
+                       help="at most this many held-out samples (default 32)")
+    cache.add_argument("--variant", help="encoder weight variant (default: auto)")
+    cache.add_argument("--skip-bad", dest="skip_bad", action="store_true", default=None,
+                       help="leave bad files out (listed in meta.json) instead of failing")
+    cache.add_argument("--batch-size", dest="batch_size", type=int, help="per encoder call")
+    cache.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    cache.add_argument("--cache-root", dest="cache_root",
+                       help="default: $TUNE_SANA_HOME/cache")
+    cache.set_defaults(func=cmd_cache)
+
+    exp = sub.add_parser("export", help="re-run a completed trial and save its weights "
+                         "(transformer folder or LoRA adapter)")
+    exp.add_argument("run_dir")
+    exp.add_argument("--trial", required=True, help="trial id (trials.parquet trial_id)")
+    exp.add_argument("--out", help="folder to write (default: <run dir>/export/<trial id>)")
+    exp.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                     help="override the trial's device (exact repeats need the same one)")
+    exp.add_argument("--force", action="store_true", help="replace an existing --out")
+    exp.set_defaults(func=cmd_export)
 
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import enum
 import math
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -36,6 +37,13 @@ class LrSchedule(str, enum.Enum):
     CONSTANT = "constant"
     COSINE = "cosine"
     LINEAR = "linear"
+
+
+class Finetune(str, enum.Enum):
+    """Which weights a trial trains: all of the transformer, or a LoRA adapter on it."""
+
+    FULL = "full"
+    LORA = "lora"
 
 
 class OnNonfinite(str, enum.Enum):
@@ -81,7 +89,21 @@ class TrialConfig(BaseModel):
     attention_fp32: bool = Field(
         False, description="run the linear-attention matmuls in fp32 with autocast disabled"
     )
+    finetune: Finetune = Field(
+        Finetune.FULL, description="full: train every weight; lora: a peft LoRA adapter only"
+    )
+    lora_rank: int = Field(4, ge=1, description="LoRA rank r (finetune=lora)")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha: updates scale by alpha / rank; null = rank"
+    )
+    lora_targets: str = Field(
+        "to_q,to_k,to_v", description="comma-separated module names LoRA wraps (finetune=lora)"
+    )
     eval_every: int = Field(25, ge=1, description="validation loss every N steps (and at the end)")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="save a resumable checkpoint every N steps (under Ray: a "
+        "trial whose process dies is retried from it); null = never"
+    )
     val_batch_size: int = Field(32, ge=1, description="held-out samples in the fixed val batch")
     on_nonfinite: OnNonfinite = OnNonfinite.STOP
     max_skips: int = Field(0, ge=0, description="non-finite steps skipped before diverging")
@@ -104,6 +126,14 @@ class TrialConfig(BaseModel):
             raise ValueError("must be a finite number")
         return value
 
+    @field_validator("lora_targets")
+    @classmethod
+    def _module_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",")]
+        if not all(n and all(c.isalnum() or c in "_." for c in n) for n in names):
+            raise ValueError("must be comma-separated module names, e.g. to_q,to_k,to_v")
+        return ",".join(names)
+
     def as_row(self) -> dict[str, Any]:
         """Plain JSON/Parquet-friendly values (enums as their strings)."""
         return self.model_dump(mode="json")
@@ -118,12 +148,19 @@ def did_you_mean(key: str, choices: Any) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+# YAML 1.1 (PyYAML) reads a float only with a dot: "1e-4" would stay the string '1e-4'.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_value(text: str) -> Any:
     """Parse a ``--set`` value as YAML (so 1e-4, true, null and [a, b] work)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:

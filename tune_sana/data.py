@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tune_sana.config import UserError
@@ -227,7 +228,8 @@ def load_encoded(path: str | os.PathLike[str]) -> DataSplit:
         tensors = load_file(str(tensors_file))
         is_val = tensors["is_val"].bool()
         every = Encoded(tensors["latents"], tensors["text"], tensors["mask"])
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    # SafetensorError (a torn or foreign file) derives from Exception only
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as err:
         raise UserError(
             f"data '{path}': corrupt encoded dataset ({type(err).__name__}: {err}); "
             "delete the folder and rebuild it with tune-sana cache"

@@ -20,19 +20,32 @@ from tune_sana.config import OnNonfinite, TrialConfig
 from tune_sana.health import Cause, Finding, Verdict
 
 
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # Per-tensor norms accumulated and returned in fp32: an fp16 norm above 65504 would read as inf
+    # although every element is finite (torch's get_total_norm keeps the tensors' dtype).
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return cast(torch.Tensor, torch.linalg.vector_norm(torch.stack(norms)))
+
+
 def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
-    """Total L2 norm of the gradients before clipping (a 0-dim tensor); clips if max_norm is set."""
-    if max_norm is not None:
-        total: torch.Tensor = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        return total
+    """Total L2 norm of the gradients before clipping (fp32, 0-dim); clips if max_norm is set.
+
+    A NaN/inf norm leaves the gradients untouched (clipping would multiply every gradient by
+    NaN, and diagnose could no longer name the parameter whose gradient went bad first).
+    """
     grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads, foreach=True)
+    total = _total_norm(grads)
+    if max_norm is not None:
+        # scale = min(1, max_norm / norm); a norm of 0 in its place gives scale 1 (no sync here)
+        safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, safe, foreach=True)
+    return total
 
 
+@torch.no_grad()  # cheaper than a .detach() per parameter, every step
 def param_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Total L2 norm of the parameters in fp32 (NaN/inf if any weight is not finite)."""
-    norms = torch._foreach_norm([p.detach() for p in params])
-    return cast(torch.Tensor, torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    """Total L2 norm of the parameters in fp32 (NaN/inf only if some weight is not finite)."""
+    return _total_norm(list(params))
 
 
 @dataclass
@@ -66,6 +79,17 @@ class Guard:
         budget = config.max_skips if config.on_nonfinite is OnNonfinite.SKIP else 0
         self.skips = health.SkipBudget(budget)
         self.skipped_steps = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"level": self.spikes.level, "seen": self.spikes.seen, "used": self.skips.used,
+                "causes": [c.value for c in self.skips.causes],
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.spikes.level, self.spikes.seen = float(state["level"]), int(state["seen"])
+        self.skips.used = int(state["used"])
+        self.skips.causes = [Cause(c) for c in state["causes"]]
+        self.skipped_steps = int(state["skipped_steps"])
 
     def before_step(self, loss: torch.Tensor, gnorm: torch.Tensor) -> tuple[Finding, float, float]:
         """Check loss and grad norm (one sync). Returns the finding and both as floats."""

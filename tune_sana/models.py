@@ -98,7 +98,8 @@ def load_transformer(
     UserError naming the file, before diffusers' own (long) message.
     """
     if model in PRESETS:
-        return tiny_model(seed, PRESETS[model]).to(dtype)
+        # nn.Module.to: diffusers' own .to warns on every dtype cast, even with no fp32-only modules
+        return nn.Module.to(tiny_model(seed, PRESETS[model]), dtype)
     path, subfolder = resolve_folder(model)
     local = Path(path) / (subfolder or "")
     if local.is_dir() and not _weights_file(local, variant):

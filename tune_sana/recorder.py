@@ -52,9 +52,11 @@ class ResultsRecorder(Callback):
     """
 
     def __init__(self, run_dir: str, spec_yaml: str, stream: TextIO | None = None,
-                 progress_every_s: float = 10.0, resume: bool = False) -> None:
+                 progress_every_s: float = 10.0, resume: bool = False,
+                 fixed: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.spec_yaml = spec_yaml
+        self.fixed = dict(fixed or {})
         self.progress_every_s = progress_every_s
         self._stream = stream
         self._resume = resume
@@ -70,7 +72,7 @@ class ResultsRecorder(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "spec_yaml": self.spec_yaml,
-                "progress_every_s": self.progress_every_s}
+                "progress_every_s": self.progress_every_s, "fixed": self.fixed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -106,6 +108,8 @@ class ResultsRecorder(Callback):
         if trial.trial_id in self.writer.resumed:
             return
         metrics = {k: v for k, v in result.items() if k not in _RAY_KEYS}
+        if metrics.get("outcome") == "error":
+            return  # the error row is a verdict, not a step: on_trial_complete records it
         self._tracks.setdefault(trial.trial_id, _Track()).update(metrics)
         self.writer.add_step(trial.trial_id, metrics)
         self._progress(trials)
@@ -118,8 +122,8 @@ class ResultsRecorder(Callback):
             track.update(last)
         outcome = track.last.get("outcome")
         summary = dict(track.last)
-        if outcome not in ("completed", "diverged"):
-            summary["outcome"] = "pruned"
+        if outcome not in ("completed", "diverged", "error"):
+            summary["outcome"] = "pruned"  # stopped by the scheduler while still finite
         self._finish(trial, track, summary)
         self._progress(trials, force=True)
 
@@ -144,9 +148,11 @@ class ResultsRecorder(Callback):
         summary.setdefault("best_val_loss", track.best_val)
         summary.setdefault("final_val_loss", track.final_val)
         summary.setdefault("wall_time_s", time.time() - track.started)
+        summary["retries"] = int(getattr(trial, "num_failures", 0) or 0)
         if summary.get("pairing") is None and "precision" in trial.config:
-            summary["pairing"] = _pairing(trial.config)
-        self.writer.finish_trial(trial.trial_id, dict(trial.config), summary)
+            summary["pairing"] = _pairing({**self.fixed, **trial.config})
+        # The row holds the whole configuration: fixed settings plus the searched ones.
+        self.writer.finish_trial(trial.trial_id, {**self.fixed, **trial.config}, summary)
         outcome = str(summary["outcome"])
         self._counts[outcome] += 1
         best = summary.get("best_val_loss")

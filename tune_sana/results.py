@@ -69,6 +69,7 @@ SUMMARY_FIELDS: list[pa.Field] = [
     pa.field("pairing", pa.string()),
     pa.field("n_params", pa.int64()),
     pa.field("error", pa.string()),
+    pa.field("retries", pa.int64()),
     pa.field("config_json", pa.string()),
     pa.field("ended_at", pa.float64()),
 ]
@@ -189,8 +190,10 @@ class ResultsWriter:
     """Driver-side writer: buffers history rows and flushes them as new part files; keeps the
     trials table and rewrites it atomically whenever a trial finishes.
 
-    ``resume=True`` keeps the finished trials already on disk and deletes history parts of
-    trials that never finished (they run again). Thread-safe.
+    Each (trial, step) is written once, the first time it is reported: a trial retried from a
+    checkpoint, or re-run after a resume, repeats steps that are already on disk, and those
+    repeats are dropped. ``resume=True`` keeps the finished trials already on disk and reads how
+    far each trial's history got. Thread-safe.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], spec_yaml: str = "",
@@ -211,28 +214,33 @@ class ResultsWriter:
             for row in pq.read_table(self.run_dir / TRIALS_FILE).to_pylist():
                 self._trials[row["trial_id"]] = row
             self.resumed = frozenset(self._trials)
-            self._drop_unfinished_history()
+        self._last_step: dict[str, int] = {}
+        if resume:
+            self._remove_temp_files()
+            done = read_history(self.run_dir, ["trial_id", "step"]).group_by("trial_id").aggregate(
+                [("step", "max")])
+            self._last_step = dict(zip(done["trial_id"].to_pylist(),
+                                       done["step_max"].to_pylist(), strict=True))
 
     @property
     def finished(self) -> set[str]:
         return set(self._trials)
 
-    def _drop_unfinished_history(self) -> None:
-        for part in self.history_dir.glob("*.parquet"):
-            trial_ids = set(pq.read_table(part, columns=["trial_id"]).column(0).to_pylist())
-            if not trial_ids <= self.finished:
-                keep = pq.read_table(part).filter(
-                    ds.field("trial_id").isin(sorted(self.finished))
-                    if self.finished else ds.scalar(False))
-                if keep.num_rows:
-                    write_atomic(keep, part)
-                else:
-                    part.unlink()
+    def _remove_temp_files(self) -> None:
+        """Temp files of writes that a crash cut short (never visible to readers: dot-names)."""
+        for folder in (self.run_dir, self.history_dir):
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     def add_step(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
         row = {**metrics, "trial_id": trial_id}
         row.setdefault("timestamp", time.time())
+        step = row.get("step")
         with self._lock:
+            if isinstance(step, int):
+                if step <= self._last_step.get(trial_id, -1):
+                    return  # a repeat after a retry or resume: the first write stands
+                self._last_step[trial_id] = step
             self._buffer.append(row)
             due = (len(self._buffer) >= self.flush_rows
                    or time.monotonic() - self._last_flush >= self.flush_seconds)

@@ -47,6 +47,13 @@ class Batches:
         self.pos += self.batch_size
         return self.data.take(index)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen.get_state(), "order": self.order, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gen.set_state(state["gen"])
+        self.order, self.pos = state["order"], int(state["pos"])
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or this process's peak RSS on the CPU."""
@@ -73,6 +80,16 @@ class RunStats:
         }
         self.device = device
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed": time.perf_counter() - self.started, "best_val": self.best_val,
+                "final_val": self.final_val, "skipped": self.skipped,
+                "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.started = time.perf_counter() - float(state["elapsed"])
+        self.best_val, self.final_val = state["best_val"], state["final_val"]
+        self.skipped, self.steps_done = int(state["skipped"]), int(state["steps_done"])
+
     def record(self, row: dict[str, Any], skipped: bool) -> None:
         self.steps_done = row["step"] + 1
         self.skipped += int(skipped)
@@ -83,10 +100,12 @@ class RunStats:
 
     def finish(self, report: Callable[[dict[str, Any]], None], step: int, outcome: Outcome,
                extra: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-        """Report the trial's last row (its step's metrics plus the summary) and return it."""
-        if outcome is Outcome.COMPLETED:
-            self.record(row, bool(row.get("skipped")))
-        else:
+        """Report the trial's last row (its step's metrics plus the summary) and return it.
+
+        A completed trial's last row was already recorded by the loop; a diverged step was not
+        (its step counts as run, its metrics do not enter best/final val loss or the skips).
+        """
+        if outcome is not Outcome.COMPLETED:
             self.steps_done = step + 1
         wall = time.perf_counter() - self.started
         summary = {

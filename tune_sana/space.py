@@ -121,6 +121,9 @@ class SweepSpec(_Strict):
     search: SearchSpec = SearchSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    max_retries: int = Field(
+        2, ge=0, description="retries of a trial whose process died (from its last checkpoint); "
+        "a trial that raised or diverged is never retried")
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: dict[str, Dimension] = Field(default_factory=dict)
 

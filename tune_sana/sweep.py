@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tune_sana import preflight
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.results import SPEC_FILE
 from tune_sana.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec
@@ -40,11 +42,10 @@ class SweepOptions:
     connect_timeout_s: float = 30.0
 
 
-def load_trial(name: str) -> Callable[[Any, Callable[[dict[str, Any]], None]], Any]:
-    """The trial program's ``run(config, report)`` function, by the name a space file gives."""
+def load_trial(name: str) -> Callable[..., Any]:
+    """The trial program's ``run(config, report[, checkpoint=])``, by the name a space gives."""
     module_name, _, func = TRIALS[name].partition(":")
-    run: Callable[[Any, Callable[[dict[str, Any]], None]], Any] = getattr(
-        importlib.import_module(module_name), func)
+    run: Callable[..., Any] = getattr(importlib.import_module(module_name), func)
     return run
 
 
@@ -62,11 +63,70 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str,
         torch.set_num_threads(max(1, int(cpus)))  # a trial's CPU share, not the whole node
     run = load_trial(trial)
 
+    last_step: list[int] = []
+
     def report(row: dict[str, Any]) -> None:
+        if "step" in row:
+            last_step[:] = [int(row["step"])]
         tune.report(sanitize(row))
 
-    config_arg = build_config(values, "trial config") if trial in TRIAL_CONFIG_TRIALS else values
-    run(config_arg, report)
+    checkpointer = _RayCheckpointer()
+
+    def report_with_checkpoint(row: dict[str, Any]) -> None:
+        if "step" in row:
+            last_step[:] = [int(row["step"])]
+        tune.report(sanitize(row), checkpoint=checkpointer.take())
+
+    try:
+        if trial in TRIAL_CONFIG_TRIALS:
+            trial_config = build_config(values, "trial config")
+            run(trial_config, report_with_checkpoint, checkpoint=checkpointer)
+        else:
+            run(values, report)
+    except Exception as err:  # any failure becomes the outcome
+        # An exception (a bug, a bad setting, out of memory) ends this trial as `error` with its
+        # message, and the sweep goes on. It is not retried: it would fail again. Only a trial
+        # whose process dies is retried by Ray (FailureConfig).
+        tune.report(error_row(err, last_step[0] if last_step else None))
+
+
+class _RayCheckpointer:
+    """The trial's checkpoints as Ray Tune checkpoints: restored after a retry, saved with the
+    next report (so no extra training iteration is reported)."""
+
+    def __init__(self) -> None:
+        self._pending: Any = None
+
+    def restore(self) -> Path | None:
+        from ray import tune
+
+        found = tune.get_checkpoint()
+        return Path(found.to_directory()) if found is not None else None
+
+    def save(self, write: Callable[[Path], None]) -> None:
+        from ray.tune import Checkpoint
+
+        folder = Path(tempfile.mkdtemp(prefix="tune-sana-ckpt-"))
+        write(folder)
+        self._pending = Checkpoint.from_directory(str(folder))
+
+    def take(self) -> Any:
+        pending, self._pending = self._pending, None
+        return pending
+
+
+def error_row(err: BaseException, step: int | None) -> dict[str, Any]:
+    """The final row of a trial that raised: outcome error, the message in one line."""
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    message = text[0] if text else type(err).__name__
+    if isinstance(err, MemoryError) or "out of memory" in message.lower() or \
+            "can't allocate memory" in message:
+        message = f"out of memory: {message}"
+    row: dict[str, Any] = {"outcome": "error", "error": message[:2000]}
+    if step is not None:
+        row["step"] = step
+        row["steps_run"] = step + 1
+    return row
 
 
 # --- paths ----------------------------------------------------------------------------------
@@ -226,7 +286,8 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
     else:
         scheduler = FIFOScheduler()
     recorder = ResultsRecorder(str(run_dir), spec.to_yaml(),
-                               progress_every_s=options.progress_every_s, resume=options.resume)
+                               progress_every_s=options.progress_every_s, resume=options.resume,
+                               fixed=dict(spec.fixed))
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -238,19 +299,10 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
         run_config=tune.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), stop=DivergenceStopper(),
             callbacks=[recorder], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
-
-
-def prepare(spec: SweepSpec) -> None:
-    """Driver-side work done once before any trial: build the demo base if a trial uses it."""
-    from tune_sana.pretrain import ensure_demo_base
-
-    models = {spec.fixed.get("model", TrialConfig.model_fields["model"].default)}
-    if "model" in spec.space:
-        models |= set(spec.space["model"].values())
-    if "demo-base" in models:
-        ensure_demo_base()
 
 
 def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Path:
@@ -264,8 +316,9 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
     if _is_uri(options.storage):
         raise UserError(f"--storage {options.storage}: URIs are not supported for the Parquet "
                         "record yet; use a shared filesystem path")
-    prepare(spec)
+    preflight.check_local(spec)  # also builds the demo base once, if a trial uses it
     init_ray(options)
+    preflight.check_cluster(spec)
     if not options.resume:
         write_spec(run_dir, spec)
     from ray import tune

@@ -1,0 +1,195 @@
+"""The bad-input corpus: every case is one line naming what is wrong and the fix, exit status 2,
+no traceback, and no run directory written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tune_sana.cli import main
+from tune_sana.data import save_encoded, shapes_images
+
+GOOD = """\
+trial: sana_finetune
+search: {algorithm: random, num_samples: 2}
+fixed: {steps: 5, model: sana-tiny, device: cpu}
+space:
+  lr: {loguniform: [1.0e-5, 1.0e-2]}
+"""
+
+
+def _space(tmp: Path, text: str) -> str:
+    path = tmp / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _replace(old: str, new: str) -> Callable[[Path], list[str]]:
+    def args(tmp: Path) -> list[str]:
+        assert old in GOOD
+        return ["sweep", _space(tmp, GOOD.replace(old, new))]
+    return args
+
+
+def _fixed(extra: str) -> Callable[[Path], list[str]]:
+    return _replace("device: cpu}", f"device: cpu, {extra}}}")
+
+
+def _checkpoint(tmp: Path, config: str | None = "{}", weights: bool = True) -> Path:
+    folder = tmp / "ckpt"
+    folder.mkdir()
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    if weights:
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    return folder
+
+
+def _model(make: Callable[[Path], Path]) -> Callable[[Path], list[str]]:
+    def args(tmp: Path) -> list[str]:
+        return ["sweep", _space(tmp, GOOD.replace("model: sana-tiny", f"model: {make(tmp)}"))]
+    return args
+
+
+def _data(make: Callable[[Path], Path | str]) -> Callable[[Path], list[str]]:
+    def args(tmp: Path) -> list[str]:
+        text = GOOD.replace("device: cpu}", f"device: cpu, data: '{make(tmp)}'}}")
+        return ["sweep", _space(tmp, text)]
+    return args
+
+
+def _corrupt_cache(tmp: Path) -> Path:
+    folder = tmp / "cache"
+    folder.mkdir()
+    (folder / "encoded.safetensors").write_bytes(b"not safetensors at all")
+    (folder / "meta.json").write_text("{}")
+    return folder
+
+
+def _run_dir_of_other_space(tmp: Path) -> list[str]:
+    """A run dir holding a different spec: --resume must refuse it."""
+    run = tmp / "runs" / "old"
+    run.mkdir(parents=True)
+    (run / "sweep.yaml").write_text("trial: sana_finetune\nfixed: {steps: 99}\n")
+    return ["sweep", _space(tmp, GOOD), "--storage", str(tmp / "runs"), "--name", "old",
+            "--resume"]
+
+
+def _not_writable_storage(tmp: Path) -> list[str]:
+    blocker = tmp / "a-file"
+    blocker.write_text("")
+    return ["sweep", _space(tmp, GOOD), "--storage", str(blocker / "runs")]
+
+
+def _encoded_without_val(tmp: Path) -> Path:
+    import torch
+
+    images, _ = shapes_images(4)
+    from tune_sana.data import Encoded, demo_encode_images, demo_encode_text
+    text, mask = demo_encode_text(["a red square at the center"] * 4)
+    return save_encoded(tmp / "enc", Encoded(demo_encode_images(images), text, mask),
+                        torch.zeros(4, dtype=torch.bool), {})
+
+
+CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "malformed yaml": (lambda t: ["sweep", _space(t, "space: {lr: [1, 2\n")],
+                       "malformed YAML at line"),
+    "yaml not a mapping": (lambda t: ["sweep", _space(t, "- lr\n- steps\n")], "is a mapping"),
+    "unknown top-level key": (_replace("search:", "serach:"), "did you mean 'search'"),
+    "unknown fixed key": (_fixed("lrr: 0.1"), "did you mean 'lr'"),
+    "unknown search key": (_replace("num_samples", "num_sample"), "did you mean 'num_samples'"),
+    "unknown distribution": (_replace("loguniform", "logunifrom"), "did you mean 'loguniform'"),
+    "wrong type steps": (_replace("steps: 5", "steps: many"), "key 'steps'"),
+    "wrong type lr": (_fixed("batch_size: big"), "key 'batch_size'"),
+    "inverted range": (_replace("[1.0e-5, 1.0e-2]", "[1.0e-2, 1.0e-5]"), "inverted"),
+    "empty range": (_replace("[1.0e-5, 1.0e-2]", "[1.0e-2, 1.0e-2]"), "empty or inverted"),
+    "log scale non-positive": (_replace("[1.0e-5, 1.0e-2]", "[0.0, 1.0e-2]"), "needs low > 0"),
+    "int log non-positive": (
+        _replace("lr: {loguniform: [1.0e-5, 1.0e-2]}", "warmup_steps: {int: [0, 9], log: true}"),
+        "needs low > 0"),
+    "empty choice": (_replace("lr: {loguniform: [1.0e-5, 1.0e-2]}", "lr: {choice: []}"),
+                     "at least one value"),
+    "unknown precision in space": (
+        _replace("lr: {loguniform", "precision: {choice: [fp32, fp8]}\n  lr: {loguniform"),
+        "precision"),
+    "unknown precision via --set": (
+        lambda t: ["sweep", _space(t, GOOD), "--set", "precision=fp8"], "precision"),
+    "--set without =": (lambda t: ["sweep", _space(t, GOOD), "--set", "lr"], "expected key=value"),
+    "grid with optuna": (
+        lambda t: ["sweep", _space(t, GOOD.replace("random", "optuna").replace(
+            "loguniform: [1.0e-5, 1.0e-2]", "grid: [1.0e-5, 1.0e-2]"))],
+        "'grid' needs search.algorithm"),
+    "fixed and searched": (_fixed("lr: 0.001"), "both fixed and searched"),
+    "unknown trial": (lambda t: ["sweep", _space(t, "trial: sana\n" + GOOD.split("\n", 1)[1])],
+                      "unknown trial 'sana'"),
+    "missing space file": (lambda t: ["sweep", str(t / "nope.yaml")], "no such space file"),
+    "negative lr via --set": (lambda t: ["sweep", _space(t, GOOD), "--set", "steps=-3"],
+                              "key 'steps'"),
+    "cuda without a GPU": (_replace("device: cpu", "device: cuda"), "device 'cuda'"),
+    "missing checkpoint folder": (_model(lambda t: t / "no-such-model"), "no such folder"),
+    "checkpoint without config.json": (_model(lambda t: _checkpoint(t, config=None)),
+                                       "no config.json"),
+    "corrupt checkpoint config": (_model(lambda t: _checkpoint(t, config="{not json")),
+                                  "not JSON"),
+    "checkpoint lacks the variant": (
+        lambda t: ["sweep", _space(t, GOOD.replace(
+            "model: sana-tiny", f"model: {_checkpoint(t)}, variant: bf16"))],
+        "no diffusion_pytorch_model.bf16.safetensors"),
+    "unknown builtin dataset": (_data(lambda t: "builtin:cats"), "builtin:shapes"),
+    "data folder missing": (_data(lambda t: t / "nowhere"), "no such folder"),
+    "corrupt cache": (_data(_corrupt_cache), "corrupt encoded dataset"),
+    "cache without validation rows": (_data(_encoded_without_val), "validation rows"),
+    "resume with a different space": (_run_dir_of_other_space, "the space differs"),
+    "resume with nothing to resume": (
+        lambda t: ["sweep", _space(t, GOOD), "--storage", str(t / "empty"), "--resume"],
+        "no earlier run"),
+    "storage not writable": (_not_writable_storage, "not writable"),
+    "resume a folder that is not a run": (lambda t: ["resume", str(t)], "not a tune-sana run"),
+    "trial: unknown key": (lambda t: ["trial", "--set", "lrr=1e-3"], "did you mean 'lr'"),
+    "trial: bad value": (lambda t: ["trial", "--set", "lr=-1"], "key 'lr'"),
+    "trial: malformed config file": (
+        lambda t: ["trial", "--config", _space(t, "lr: [1e-3\n")], "malformed YAML"),
+    "trial: cuda without a GPU": (
+        lambda t: ["trial", "--set", "device=cuda", "--set", "model=sana-tiny"], "no CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+        case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    make_args, needle = CASES[case]
+    args = make_args(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = {p for p in tmp_path.rglob("*")}
+    code = main(args)
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code == 2, err
+    assert err.startswith("tune-sana: error: ") and "\n" not in err, err
+    assert needle in err, err
+    assert "Traceback" not in captured.out + captured.err
+    created = {p for p in tmp_path.rglob("*")} - before
+    written = [p for p in created if p.name in ("sweep.yaml", "trials.parquet", "history")]
+    assert not written, written
+
+
+def test_the_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 30
+
+
+def test_gpu_resources_on_a_cpu_cluster_fail_before_any_trial(tmp_path: Path) -> None:
+    space = _space(tmp_path, GOOD.replace("fixed:", "resources: {cpu: 1, gpu: 0.5}\nfixed:"))
+    result = subprocess.run(
+        [sys.executable, "-m", "tune_sana.cli", "sweep", space, "--storage", str(tmp_path / "r"),
+         "--num-cpus", "1", "--num-gpus", "0"],
+        capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("tune-sana: error: resources.gpu is 0.5 but the Ray cluster has no GPU")
+    assert "Traceback" not in result.stderr
+    assert not any((tmp_path / "r").glob("*/sweep.yaml"))

@@ -1,0 +1,109 @@
+"""Checks run on the driver before a sweep writes anything or starts a trial.
+
+A bad checkpoint folder, dataset or device found inside a trial costs a Ray start and leaves a
+half-made run directory; found here it is one line and exit status 2. Every value a trial could
+take is checked: the fixed one and each choice of a searched key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tune_sana.config import TrialConfig, UserError
+from tune_sana.space import TRIAL_CONFIG_TRIALS, SweepSpec
+
+
+def candidates(spec: SweepSpec, key: str) -> list[Any]:
+    """Every value ``key`` can take in this sweep (continuous ranges are not listed)."""
+    if key in spec.space:
+        return spec.space[key].values()
+    default = TrialConfig.model_fields[key].default
+    value = spec.fixed.get(key, default)
+    return [getattr(value, "value", value)]
+
+
+def check_local(spec: SweepSpec) -> None:
+    """Checks that need no Ray: checkpoints, variants, datasets, this machine's devices."""
+    if spec.trial not in TRIAL_CONFIG_TRIALS:
+        return
+    from tune_sana.models import DEMO_BASE, PRESETS, resolve_folder
+    from tune_sana.pretrain import ensure_demo_base
+
+    variants = candidates(spec, "variant")
+    for model in candidates(spec, "model"):
+        if model in PRESETS:
+            continue
+        if model == DEMO_BASE:
+            ensure_demo_base()
+        path, subfolder = resolve_folder(str(model))
+        folder = Path(path) / (subfolder or "")
+        if folder.is_dir():
+            _check_checkpoint_folder(str(model), folder, variants)
+    for data in candidates(spec, "data"):
+        _check_data(str(data))
+    _check_devices(spec)
+
+
+def _check_checkpoint_folder(model: str, folder: Path, variants: list[Any]) -> None:
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"model '{model}': {folder / 'config.json'} is unreadable or not JSON "
+                        f"({type(err).__name__}); re-save the checkpoint") from None
+    for variant in variants:
+        suffix = f".{variant}" if variant else ""
+        names = [f"diffusion_pytorch_model{suffix}.safetensors",
+                 f"diffusion_pytorch_model{suffix}.safetensors.index.json"]
+        if not any((folder / n).is_file() for n in names):
+            raise UserError(f"model '{model}': no {names[0]} in {folder}; drop variant "
+                            f"'{variant}' from the space or use a checkpoint that has it")
+
+
+def _check_data(data: str) -> None:
+    from tune_sana.data import BUILTIN_PREFIX, load_data
+
+    if data.startswith(BUILTIN_PREFIX):
+        load_data(data)  # unknown built-in names fail here
+        return
+    folder = Path(data).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"data '{data}': no such folder; use builtin:shapes, an images folder "
+                        "or a folder made by tune-sana cache")
+    load_data(str(folder))  # a corrupt or foreign folder is a UserError naming it
+
+
+def _check_devices(spec: SweepSpec) -> None:
+    import torch
+
+    from tune_sana.config import Precision
+    from tune_sana.precision import check_supported
+
+    devices = set(candidates(spec, "device"))
+    if "cuda" in devices and spec.resources.gpu == 0:
+        raise UserError("device 'cuda' with resources.gpu 0: Ray would give trials no GPU; "
+                        "set resources.gpu (e.g. 0.5 to share one GPU between two trials)")
+    if torch.cuda.is_available() and devices & {"cuda", "auto"}:
+        for mode in candidates(spec, "precision"):
+            check_supported(Precision(mode), torch.device("cuda"))
+
+
+def check_cluster(spec: SweepSpec) -> None:
+    """Checks against the Ray cluster's resources (after ray.init)."""
+    import ray
+
+    total = ray.cluster_resources()
+    gpus = float(total.get("GPU", 0))
+    cpus = float(total.get("CPU", 0))
+    if spec.resources.gpu > 0 and gpus == 0:
+        raise UserError(f"resources.gpu is {spec.resources.gpu} but the Ray cluster has no GPU; "
+                        "run on a GPU machine or set resources.gpu 0 and device cpu")
+    if spec.resources.gpu > gpus:
+        raise UserError(f"resources.gpu {spec.resources.gpu} per trial exceeds the cluster's "
+                        f"{gpus:g} GPUs: no trial could ever start")
+    if spec.resources.cpu > cpus:
+        raise UserError(f"resources.cpu {spec.resources.cpu:g} per trial exceeds the cluster's "
+                        f"{cpus:g} CPUs: no trial could ever start; lower resources.cpu")
+    if spec.trial in TRIAL_CONFIG_TRIALS and "cuda" in candidates(spec, "device") and gpus == 0:
+        raise UserError("device 'cuda' but the Ray cluster has no GPU; use --set device=cpu")
