@@ -305,8 +305,33 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
     )
 
 
+def encode_once(spec: SweepSpec) -> SweepSpec:
+    """Encode an image folder or manifest once, on the driver, into the shared latent cache (a
+    no-op when it is already built), and point the spec at it: trials never encode."""
+    if spec.trial not in TRIAL_CONFIG_TRIALS:
+        return spec
+    from tune_sana.encode import is_encoded, prepare_data
+
+    data = spec.fixed.get("data", TrialConfig.model_fields["data"].default)
+    if "data" in spec.space:
+        raw = [d for d in spec.space["data"].values() if not is_encoded(str(d))]
+        if raw:
+            raise UserError(f"space.data: '{raw[0]}' is not encoded; searched data must be "
+                            "builtin:* or folders made by tune-sana cache")
+        return spec
+    if is_encoded(str(data)):
+        return spec
+    if "model" in spec.space:
+        raise UserError("data is an image folder but model is searched: the encoders come from "
+                        "one checkpoint; encode first with tune-sana cache, then pass the folder")
+    model = spec.fixed.get("model", TrialConfig.model_fields["model"].default)
+    prepared = prepare_data(str(data), str(model))
+    return spec.model_copy(update={"fixed": {**spec.fixed, "data": prepared}})
+
+
 def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Path:
     """Run (or resume) the sweep; returns the run directory holding the Parquet record."""
+    spec = encode_once(spec)  # sweep.yaml then names the encoded folder every trial reads
     run_dir = run_dir_for(spec_name, options)
     if options.resume:
         check_resumable(run_dir, spec)
