@@ -13,7 +13,8 @@ Each side is timed from the moment its model is ready (the trial's ``on_model`` 
 point in the bare loop) to the end of its final validation, so data loading and model building are
 left out of both. Rounds alternate which side goes first; the medians are compared (wall clock as
 ``ratio``; this process's CPU time as ``cpu_ratio``, less sensitive to other processes on a shared
-machine). The last line printed is one JSON object.
+machine; ``min_ratio`` compares the least-disturbed runs). The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tune_sana.config import TrialConfig, build_config  # noqa: E402
 from tune_sana.data import load_data  # noqa: E402
 from tune_sana.flow import flow_loss, make_batch  # noqa: E402
 from tune_sana.models import load_transformer  # noqa: E402
-from tune_sana.runtime import Batches  # noqa: E402
+from tune_sana.runtime import Batches, pick_device  # noqa: E402
 from tune_sana.schedule import lr_factor  # noqa: E402
 from tune_sana.validation import FixedValidation  # noqa: E402
 
@@ -67,7 +68,7 @@ def time_trial(config: TrialConfig) -> tuple[Timing, float | None, int]:
 
 def time_bare(config: TrialConfig) -> tuple[Timing, float]:
     """The same training with no checks and no per-step host sync."""
-    device = torch.device("cpu")
+    device = pick_device(config.device)
     policy = prec.policy_for(config.precision)
     torch.manual_seed(config.seed)
     data = load_data(config.data)
@@ -110,12 +111,13 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (both sides)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
 
     config = build_config({
         "model": args.model, "precision": args.precision, "steps": args.steps,
         "batch_size": args.batch_size, "lr": 1e-4, "max_grad_norm": 1.0,
-        "eval_every": args.steps, "device": "cpu", "threads": args.threads, "seed": 0,
+        "eval_every": args.steps, "device": args.device, "threads": args.threads, "seed": 0,
     }, source="bench")
     torch.set_num_threads(args.threads)
 
@@ -151,6 +153,7 @@ def main() -> None:
         "paired_ratio_median": round(paired, 4),
         "steps": args.steps,
         "rounds": args.rounds,
+        "min_ratio": round(min(trial_s) / min(bare_s), 4),
         "cpu_ratio": round(statistics.median(trial_cpu) / statistics.median(bare_cpu), 4),
         "overhead_ms_per_step": round(1000 * (trial_med - bare_med) / args.steps, 4),
         "same_val_loss": same_val,
@@ -161,7 +164,7 @@ def main() -> None:
         "precision": args.precision,
         "batch_size": args.batch_size,
         "threads": args.threads,
-        "device": "cpu",
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

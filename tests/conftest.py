@@ -13,10 +13,11 @@ import torch
 
 from tune_sana.config import TrialConfig, build_config
 
-# Small and fast on a shared 2-core CPU: fresh tiny Sana, small batches, a small val batch.
+# Small and fast on a shared 2-core CPU: fresh tiny Sana, small batches, a small val batch, one
+# torch thread (the trial sets it process-wide; two threads on busy shared cores run slower).
 FAST: dict[str, Any] = {
     "model": "sana-tiny", "steps": 4, "batch_size": 8, "val_batch_size": 16, "eval_every": 2,
-    "device": "cpu",
+    "device": "cpu", "threads": 1,
 }
 
 

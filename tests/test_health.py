@@ -6,8 +6,9 @@ import math
 import pickle
 
 import torch
+from torch import nn
 
-from tune_sana import guard, health
+from tune_sana import diagnose, guard, health
 from tune_sana.config import build_config
 from tune_sana.health import Cause, Finding, Verdict
 
@@ -114,3 +115,35 @@ def test_guard_spends_the_skip_budget_then_diverges() -> None:
     finding, loss, gnorm = g.before_step(one, nan)
     assert finding == Finding(Verdict.DIVERGED, Cause.NONFINITE_GRAD) and gnorm != gnorm
     assert loss == 1.0 and g.skipped_steps == 1
+
+
+# --- where a divergence is first seen (diagnose) -----------------------------------------------
+
+class _Divides(nn.Module):
+    """Like Sana's attention: math between submodules, whose result feeds ``out``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.out = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(h / (h - h))  # 0/0 = NaN made here, not in a submodule
+
+
+def test_replay_names_the_module_that_made_the_nan_not_the_one_carrying_it() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), _Divides(), nn.Linear(3, 3))
+    found = diagnose.replay_forward(model, lambda: model(torch.ones(2, 3)))
+    assert found.first_nonfinite_module == "1"  # not "1.out", whose input was already NaN
+    assert found.max_abs_activation is not None and math.isfinite(found.max_abs_activation)
+
+
+def test_replay_names_a_leaf_with_a_bad_weight_and_none_when_finite() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 3))
+    assert diagnose.replay_forward(model, lambda: model(torch.ones(2, 3))).first_nonfinite_module \
+        is None
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    found = diagnose.replay_forward(model, lambda: model(torch.ones(2, 3)))
+    assert found.first_nonfinite_module == "2"
+    assert diagnose.first_nonfinite_param(model) == "2.weight"

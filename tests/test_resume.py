@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine import trials_by_id, write_space
-from tune_sana.results import read_history
+from tune_sana.results import FAULT_ENV, read_history
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,12 @@ SAMPLES = 6
 STEPS = 30
 
 
-def _sweep(space_file: Path, storage: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _sweep(space_file: Path, storage: Path, *extra: str,
+           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "tune_sana.cli", "sweep", str(space_file), "--storage",
            str(storage), "--name", "k", "--num-cpus", "2", "--progress-every", "30", *extra]
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
 def _finished(run_dir: Path) -> dict[str, dict[str, object]]:
@@ -33,28 +34,20 @@ def _finished(run_dir: Path) -> dict[str, dict[str, object]]:
     return trials_by_id(run_dir)
 
 
-def test_sigkill_mid_sweep_then_resume(tmp_path: Path) -> None:
-    space_file = write_space(tmp_path, "slow", {
+def _space(tmp_path: Path) -> Path:
+    return write_space(tmp_path, "slow", {
         "trial": "synthetic",
         "search": {"algorithm": "random", "num_samples": SAMPLES, "seed": 0, "max_concurrent": 2},
         "scheduler": {"type": "fifo"},
         "fixed": {"steps": STEPS, "step_seconds": 0.1, "diverge_above": 10.0},
         "space": {"lr": {"loguniform": [1e-4, 1e-2]}},
     })
-    run_dir = tmp_path / "k"
-    driver = _sweep(space_file, tmp_path)
-    deadline = time.monotonic() + 180
-    while len(_finished(run_dir)) < 2:
-        assert driver.poll() is None, driver.stderr.read() if driver.stderr else ""
-        assert time.monotonic() < deadline, "no trial finished in time"
-        time.sleep(0.5)
-    time.sleep(1.5)  # let the next trials get going, so some are cut mid-run
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    before = _finished(run_dir)
-    assert 2 <= len(before) < SAMPLES
 
-    resumed = _sweep(space_file, tmp_path, "--resume")
+
+def _resume_and_check(space_file: Path, run_dir: Path,
+                      before: dict[str, dict[str, object]]) -> None:
+    """--resume finishes the sweep: every trial once, finished ones unchanged, no step twice."""
+    resumed = _sweep(space_file, run_dir.parent, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
 
@@ -68,3 +61,46 @@ def test_sigkill_mid_sweep_then_resume(tmp_path: Path) -> None:
     for trial_id in after:
         steps = sorted(s for t, s in pairs if t == trial_id)
         assert steps == list(range(STEPS)), trial_id
+    assert not list(run_dir.rglob(".*.tmp")), "a crashed write's temp file was left behind"
+
+
+def test_sigkill_before_the_first_result_then_resume(tmp_path: Path) -> None:
+    space_file, run_dir = _space(tmp_path), tmp_path / "k"
+    driver = _sweep(space_file, tmp_path)
+    deadline = time.monotonic() + 180
+    while not (run_dir / "tuner.pkl").is_file():
+        assert driver.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert not _finished(run_dir)
+    _resume_and_check(space_file, run_dir, {})
+
+
+def test_sigkill_during_a_parquet_flush_then_resume(tmp_path: Path) -> None:
+    """The driver dies inside its 3rd atomic write: the half-written file is never visible."""
+    space_file, run_dir = _space(tmp_path), tmp_path / "k"
+    driver = _sweep(space_file, tmp_path, env={FAULT_ENV: "3"})
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    subprocess.run(["pkill", "-9", "-s", str(driver.pid)], check=False)  # its Ray processes
+    assert list(run_dir.rglob(".*.tmp")), "the kill should have left a temp file"
+    before = _finished(run_dir)  # every visible file reads cleanly
+    read_history(run_dir)
+    _resume_and_check(space_file, run_dir, before)
+
+
+def test_sigkill_mid_sweep_then_resume(tmp_path: Path) -> None:
+    space_file, run_dir = _space(tmp_path), tmp_path / "k"
+    driver = _sweep(space_file, tmp_path)
+    deadline = time.monotonic() + 180
+    while len(_finished(run_dir)) < 2:
+        assert driver.poll() is None, driver.stderr.read() if driver.stderr else ""
+        assert time.monotonic() < deadline, "no trial finished in time"
+        time.sleep(0.5)
+    time.sleep(1.5)  # let the next trials get going, so some are cut mid-run
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = _finished(run_dir)
+    assert 2 <= len(before) < SAMPLES
+    _resume_and_check(space_file, run_dir, before)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import tempfile
 import threading
 import time
@@ -133,13 +134,32 @@ def _hardware() -> dict[str, Any]:
     return hw
 
 
+# Fault injection for the crash tests: SIGKILL this process inside the Nth atomic write, after the
+# temp file is written and before it is renamed into place. Unset in normal use.
+FAULT_ENV = "TUNE_SANA_FAULT_KILL_IN_WRITE"
+_writes = [0]
+
+
+def _maybe_die_mid_write() -> None:
+    target = os.environ.get(FAULT_ENV)
+    if target:
+        _writes[0] += 1
+        if _writes[0] == int(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` via a temp file in the same folder and an atomic rename."""
+    """Write ``table`` to ``path`` via a temp file in the same folder and an atomic rename.
+
+    The temp file's name starts with a dot, so pyarrow datasets and globs for ``*.parquet``
+    never see it; a crash leaves at most such a file, removed on resume.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        _maybe_die_mid_write()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -198,12 +199,8 @@ def init_ray(options: SweepOptions) -> None:
     """Join ``--address`` (or $RAY_ADDRESS, as under ``ray job submit``), else start an embedded
     Ray bound to 127.0.0.1 without a dashboard (unless asked)."""
     address = options.address or os.environ.get("RAY_ADDRESS")
-    loopback = bool(address) and str(address).split(":")[0] in ("127.0.0.1", "localhost")
-    if loopback:
-        # Ray rewrites a loopback address to this host's NIC address before connecting, which a
-        # head bound to 127.0.0.1 does not listen on. Ray's single-machine mode keeps loopback;
-        # it is read when ray is first imported, so set it before that.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not address or str(address).split(":")[0] in ("127.0.0.1", "localhost"):
+        _single_machine_mode()
     import ray
 
     # Rows between evaluations carry no val_loss: that is expected, not an error.
@@ -231,6 +228,22 @@ def init_ray(options: SweepOptions) -> None:
         logging_level=logging.WARNING,
         log_to_driver=False,
     )
+
+
+def _single_machine_mode() -> None:
+    """Keep Ray on loopback: its servers bind 127.0.0.1 only, and a loopback address is not
+    rewritten to this host's network address.
+
+    Ray binds its gRPC servers and agents to the node's network address unless it runs in its
+    single-machine mode (the one it uses on macOS and Windows), chosen by
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and read once when ray is imported. The variable is
+    inherited by every Ray process this driver starts; the driver's own copy of the flag is set
+    too in case ray was imported earlier.
+    """
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
 
 
 def _check_reachable(address: str, timeout_s: float) -> None:
@@ -265,6 +278,7 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
     """The Tuner (fresh, or restored from ``run_dir``)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
 
     from tune_sana.recorder import ResultsRecorder
     from tune_sana.search import build_searcher
@@ -279,6 +293,10 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
         return tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True,
                                   resume_errored=True)
     searcher, param_space = build_searcher(spec)
+    if spec.search.algorithm == "optuna":
+        # Limit concurrency in the searcher itself: Tuner.restore keeps the searcher, but drops
+        # TuneConfig.max_concurrent_trials (it sees an already wrapped search algorithm).
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
     if spec.scheduler.type == "asha":
         scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=_max_t(spec),
                                        grace_period=spec.scheduler.grace_period,
@@ -293,8 +311,7 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
         param_space=param_space,
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
-            num_samples=spec.search.num_samples,
-            max_concurrent_trials=spec.search.max_concurrent, reuse_actors=True,
+            num_samples=spec.search.num_samples, reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=run_dir.name, storage_path=str(run_dir.parent), stop=DivergenceStopper(),
@@ -346,9 +363,10 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
     preflight.check_cluster(spec)
     if not options.resume:
         write_spec(run_dir, spec)
-    from ray import tune
 
-    restore = options.resume and tune.Tuner.can_restore(str(run_dir))
+    # Ray can restore only once it has saved experiment state; a driver killed before that
+    # leaves nothing to restore, and the sweep starts afresh in the same run directory.
+    restore = options.resume and any(run_dir.glob("experiment_state-*.json"))
     tuner = build_tuner(spec, run_dir, options, restore=restore)
     tuner.fit()
     return run_dir
