@@ -95,6 +95,43 @@ def _encoded_without_val(tmp: Path) -> Path:
                         torch.zeros(4, dtype=torch.bool), {})
 
 
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Sana pipeline folder with encoders, so image folders get as far as being scanned."""
+    from tests.tiny_sana import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "pipe")
+
+
+def _images_case(tmp: Path, pipe: Path, captions: bool) -> list[str]:
+    from PIL import Image
+
+    images = tmp / "images"
+    images.mkdir()
+    if not captions:
+        Image.new("RGB", (64, 64)).save(images / "a.png")
+    text = GOOD.replace("model: sana-tiny", f"model: {pipe}").replace(
+        "device: cpu}", f"device: cpu, data: '{images}'}}")
+    return ["sweep", _space(tmp, text)]
+
+
+DATASET_CASES: dict[str, tuple[bool, str]] = {
+    "dataset folder with no images": (True, "no usable samples"),
+    "images without captions": (False, "missing caption x1: a.png"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_CASES))
+def test_bad_dataset_is_one_line_exit_2(case: str, pipeline: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    captions, needle = DATASET_CASES[case]
+    code = main(_images_case(tmp_path, pipeline, captions))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("tune-sana: error: ") and "\n" not in err, err
+    assert needle in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("sweep.yaml"))
+
+
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "malformed yaml": (lambda t: ["sweep", _space(t, "space: {lr: [1, 2\n")],
                        "malformed YAML at line"),
@@ -179,7 +216,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
 
 
 def test_the_corpus_is_large_enough() -> None:
-    assert len(CASES) >= 30
+    assert len(CASES) + len(DATASET_CASES) + 1 >= 30
 
 
 def test_gpu_resources_on_a_cpu_cluster_fail_before_any_trial(tmp_path: Path) -> None:

@@ -125,15 +125,16 @@ class Scan:
         """UserError listing the problems (counts and names) unless there are none or
         ``skip_bad``; also a UserError when no usable sample is left."""
         if self.problems and not skip_bad:
-            lines = [f"data '{self.source}': {self.summary()}:"]
+            # One line: the counts, then up to _SHOW names per reason, then the fix.
+            parts = [f"data '{self.source}': {self.summary()}"]
             for reason in self.counts():
                 bad = [p for p in self.problems if p.reason == reason]
-                shown = "; ".join(str(p) for p in bad[:_SHOW])
-                more = f"; ... {len(bad) - _SHOW} more" if len(bad) > _SHOW else ""
-                lines.append(f"  {reason} x{len(bad)}: {shown}{more}")
-            lines.append("  fix or remove these files, or pass --skip-bad (skip_bad=True) to leave "
-                         "them out (they are then listed in the cache's meta.json)")
-            raise UserError("\n".join(lines))
+                shown = ", ".join(str(p) for p in bad[:_SHOW])
+                more = f", ... {len(bad) - _SHOW} more" if len(bad) > _SHOW else ""
+                parts.append(f"{reason} x{len(bad)}: {shown}{more}")
+            parts.append("fix or remove these files, or leave them out with tune-sana cache "
+                         "--skip-bad (they are then listed in the cache's meta.json)")
+            raise UserError("; ".join(parts))
         if not self.samples:
             raise UserError(f"data '{self.source}': no usable samples ({self.summary()}); "
                             "a dataset is images with captions (x.png + x.txt) or a manifest")
