@@ -4,7 +4,7 @@ tiny saved checkpoint with fp16/bf16 variants. Keep this file small."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +73,14 @@ def demo_base() -> Path:
     from tune_sana.pretrain import ensure_demo_base
 
     return ensure_demo_base()
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """A local Ray on 127.0.0.1 for one test module (started once, not per test)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()

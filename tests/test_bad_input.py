@@ -135,7 +135,7 @@ def test_bad_dataset_is_one_line_exit_2(case: str, pipeline: Path, tmp_path: Pat
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "malformed yaml": (lambda t: ["sweep", _space(t, "space: {lr: [1, 2\n")],
                        "malformed YAML at line"),
-    "yaml not a mapping": (lambda t: ["sweep", _space(t, "- lr\n- steps\n")], "is a mapping"),
+    "yaml not a mapping": (lambda t: ["sweep", _space(t, "- lr\n- steps\n")], "expected a mapping"),
     "unknown top-level key": (_replace("search:", "serach:"), "did you mean 'search'"),
     "unknown fixed key": (_fixed("lrr: 0.1"), "did you mean 'lr'"),
     "unknown search key": (_replace("num_samples", "num_sample"), "did you mean 'num_samples'"),

@@ -10,8 +10,8 @@ import yaml
 
 from tests.synthetic import SECOND, SMALL, write_small_sweep, write_sweep
 from tune_sana.best import best, best_trial
-from tune_sana.cli import _read_yaml_mapping, main
-from tune_sana.config import UserError, build_config
+from tune_sana.cli import main
+from tune_sana.config import UserError, build_config, read_yaml_mapping
 
 EXPECTED = {"model": "demo-base", "variant": "bf16", "data": "builtin:shapes", "steps": 100,
             "batch_size": 8, "lr": 3e-4, "warmup_steps": 20, "max_grad_norm": 1.0,
@@ -36,7 +36,7 @@ def test_yaml_round_trips_through_trial_config(sweep: Path, tmp_path: Path,
     assert main(["best", str(sweep)]) == 0
     path = tmp_path / "best.yaml"
     path.write_text(capsys.readouterr().out)
-    values = _read_yaml_mapping(str(path))  # what `tune-sana trial --config` reads
+    values = read_yaml_mapping(path)  # what `tune-sana trial --config` reads
     config = build_config(values, source=str(path))
     assert config.lr == 3e-4 and config.precision.value == "fp32" and config.steps == 100
     assert config.max_grad_norm == 1.0 and config.variant == "bf16"

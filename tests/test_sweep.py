@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import glob
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -17,15 +15,8 @@ from tests.engine import last_steps, no_nonfinite, run_cli, trials_by_id, write_
 from trials import synthetic
 from tune_sana.results import SCHEMA_VERSION, read_history, read_metadata, read_trials
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _nan_space(tmp_path: Path) -> Path:

@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 
 from tests.engine import run_cli, trials_by_id, write_space
 from tests.tiny_sana import build_tiny_pipeline, write_images
 from tune_sana import encode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_two_trials_share_one_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

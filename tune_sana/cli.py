@@ -12,36 +12,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tune_sana.config import UserError, build_config, parse_overrides
+from tune_sana.config import UserError, build_config, parse_overrides, read_yaml_mapping
 
 Command = Callable[[argparse.Namespace], int]
-
-
-def _read_yaml_mapping(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror})") from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}: malformed YAML{where}; fix the syntax") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: expected a mapping of key: value at the top level")
-    return loaded
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from trials import sana_finetune
     from tune_sana.pretrain import ensure_demo_base
 
-    values = _read_yaml_mapping(args.config) if args.config else {}
+    values = read_yaml_mapping(args.config) if args.config else {}
     values.update(parse_overrides(args.set))
     config = build_config(values, source=args.config or "--set")
     config = _prepared(config)

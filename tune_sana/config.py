@@ -11,6 +11,7 @@ import enum
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -161,6 +162,26 @@ def parse_value(text: str) -> Any:
     if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
         return float(value)
     return value
+
+
+def read_yaml_mapping(path: str | Path, what: str = "a mapping of key: value") -> dict[str, Any]:
+    """A YAML file's top-level mapping, read with the safe loader; every problem is a UserError
+    naming the file (and the line, for malformed YAML). An empty file is an empty mapping."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UserError(f"{path}: malformed YAML{where}; fix the syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected {what} at the top level")
+    return loaded
 
 
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tune_sana.config import TRIAL_KEYS, UserError, build_config, did_you_mean
+from tune_sana.config import TRIAL_KEYS, UserError, build_config, did_you_mean, read_yaml_mapping
 
 TRIALS: dict[str, str] = {
     "sana_finetune": "trials.sana_finetune:run",
@@ -236,17 +236,7 @@ def read_space_file(path: str | Path) -> dict[str, Any]:
         if not file.suffix and builtin_space_path(str(path)).is_file():
             hint = f" (did you mean the built-in space: {builtin_space_path(str(path))}?)"
         raise UserError(f"{path}: no such space file{hint}")
-    try:
-        loaded = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise UserError(f"{path}: malformed YAML{where}; fix the syntax") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{path}: a space file is a mapping (trial:, fixed:, space:, ...)")
-    return loaded
+    return read_yaml_mapping(file, "a mapping (trial:, fixed:, space:, ...)")
 
 
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
