@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,12 +74,18 @@ def test_sweep_joins_a_cluster_with_address(head: tuple[str, str], tmp_path: Pat
 
 def test_sweep_submitted_as_a_ray_job(head: tuple[str, str], tmp_path: Path) -> None:
     _, dashboard = head
-    result = subprocess.run(
-        [RAY, "job", "submit", "--address", dashboard, "--",
-         sys.executable, "-m", "tune_sana.cli", "sweep", str(_space(tmp_path)),
-         "--storage", str(tmp_path), "--name", "j"],
-        capture_output=True, text=True, timeout=300, env=CLUSTER_ENV,
-    )
+    command = [RAY, "job", "submit", "--address", dashboard, "--",
+               sys.executable, "-m", "tune_sana.cli", "sweep", str(_space(tmp_path)),
+               "--storage", str(tmp_path), "--name", "j"]
+    deadline = time.monotonic() + 120
+    while True:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env=CLUSTER_ENV)
+        # Right after `ray start` the head's job agent may not be registered yet (seen on a
+        # loaded 2-core machine): Ray answers "No available agent" and submits nothing.
+        if "No available agent" not in result.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     assert "succeeded" in result.stdout.lower()
     assert len(trials_by_id(tmp_path / "j")) == 4
