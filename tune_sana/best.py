@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.compute as pc
@@ -23,12 +22,12 @@ from tune_sana.report import CONFIG_NAMES, read_spec, read_trial_columns
 
 
 def best_trial(run_dir: str | os.PathLike[str]) -> tuple[str, float, dict[str, Any]]:
-    """(trial id, best validation loss, config dict) of the best completed trial of a run.
+    """(trial id, best validation loss, config dict) of the best completed trial of a run
+    (a local folder or a URI).
 
     The config: the spec's fixed settings, overlaid with the trial's recorded values (its
     searched keys, null included, and any other non-null config column)."""
-    path = Path(run_dir)
-    trials = read_trial_columns(path, ["trial_id", *CONFIG_NAMES, "outcome", "best_val_loss"])
+    trials = read_trial_columns(run_dir, ["trial_id", *CONFIG_NAMES, "outcome", "best_val_loss"])
     done = trials.filter(pc.and_(pc.equal(trials["outcome"], Outcome.COMPLETED.value),
                                  pc.is_valid(trials["best_val_loss"])))
     if done.num_rows == 0:
@@ -38,7 +37,7 @@ def best_trial(run_dir: str | os.PathLike[str]) -> tuple[str, float, dict[str, A
                         "finish trials, or see 'tune-sana report' for why none completed")
     best = done.sort_by([("best_val_loss", "ascending"), ("trial_id", "ascending")]).slice(0, 1)
     row = best.select(list(CONFIG_NAMES)).to_pylist()[0]
-    spec = read_spec(path)
+    spec = read_spec(run_dir)
     fixed = spec.get("fixed") if isinstance(spec.get("fixed"), dict) else {}
     searched = set(spec.get("space") or {}) if isinstance(spec.get("space"), dict) else set()
     merged = {**(fixed or {}), **{k: v for k, v in row.items()

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tune_sana.config import UserError, build_config, parse_overrides, read_yaml_mapping
 
 Command = Callable[[argparse.Namespace], int]
@@ -53,7 +55,7 @@ def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
     )
 
 
-def _finish_sweep(run_dir: Path) -> int:
+def _finish_sweep(run_dir: Path | str) -> int:
     from tune_sana.results import read_trials
 
     table = read_trials(run_dir, ["outcome"])
@@ -79,16 +81,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from tune_sana import space, sweep
     from tune_sana.results import SPEC_FILE
+    from tune_sana.storage import Location, is_uri
 
-    run_dir = Path(args.run_dir).expanduser().resolve()
+    given = args.run_dir if is_uri(args.run_dir) else str(Path(args.run_dir).expanduser().resolve())
+    run_dir = Location.of(given)
     spec_file = run_dir / SPEC_FILE
     if not spec_file.is_file():
         raise UserError(f"{run_dir}: not a tune-sana run (no {SPEC_FILE}); "
                         "pass the folder that tune-sana sweep printed")
-    spec = space.load(spec_file)
-    args.name, args.storage = run_dir.name, str(run_dir.parent)
-    run_dir = sweep.run(spec, _sweep_options(args, True), spec_name=run_dir.name)
-    return _finish_sweep(run_dir)
+    if run_dir.is_local:
+        spec = space.load(spec_file.path)
+    else:
+        try:
+            raw = yaml.safe_load(spec_file.read_text())
+        except yaml.YAMLError:
+            raise UserError(f"{spec_file}: malformed YAML; restore the file the sweep wrote"
+                            ) from None
+        spec = space.parse_spec(raw if isinstance(raw, dict) else {}, source=str(spec_file))
+    args.name, args.storage = run_dir.name, run_dir.parent.text
+    return _finish_sweep(sweep.run(spec, _sweep_options(args, True), spec_name=run_dir.name))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -164,14 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="fix a trial setting (lr=1e-4) or a spec field (search.num_samples=8)")
     sweep.add_argument("--name", help="run name (default: <space>-<timestamp>)")
-    sweep.add_argument("--storage", default="runs", help="folder holding runs (default: ./runs)")
+    sweep.add_argument("--storage", default="runs",
+                       help="folder or URI pyarrow understands (file:///..., s3://bucket/path) "
+                            "holding runs (default: ./runs)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the run named by --name (default: this space's newest)")
     _add_ray_options(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
     resume = sub.add_parser("resume", help="continue a killed sweep from its run directory")
-    resume.add_argument("run_dir")
+    resume.add_argument("run_dir", help="the run's folder or URI")
     _add_ray_options(resume)
     resume.set_defaults(func=cmd_resume)
 

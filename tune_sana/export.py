@@ -33,6 +33,7 @@ from torch import nn
 from tune_sana.config import Outcome, TrialConfig, UserError, build_config
 from tune_sana.lora import save_trained
 from tune_sana.results import SPEC_FILE, read_trials
+from tune_sana.storage import is_uri
 
 EXPORT_FILE = "export.json"
 _RTOL = 1e-4  # relative difference of val loss still called "reproduced"
@@ -106,6 +107,9 @@ def export(run_dir: str | os.PathLike[str], trial_id: str,
     from tune_sana.encode import prepare_data
     from tune_sana.pretrain import ensure_demo_base
 
+    if is_uri(run_dir):
+        raise UserError(f"{run_dir}: export reads a local run folder; copy the run from its "
+                        "storage first (e.g. pyarrow.fs.copy_files), then export from the copy")
     run = Path(run_dir).expanduser().resolve()
     row = trial_row(run, trial_id)
     _check_exportable(row)

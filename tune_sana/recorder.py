@@ -88,9 +88,10 @@ class ResultsRecorder(Callback):
         return self._writer
 
     def _finished_outcomes(self) -> list[str]:
-        from tune_sana.results import read_trials
+        from tune_sana.results import TRIALS_FILE, read_trials
+        from tune_sana.storage import Location
 
-        if not (Path(self.run_dir) / "trials.parquet").is_file():
+        if not (Location.of(self.run_dir) / TRIALS_FILE).is_file():
             return []
         return [str(o) for o in read_trials(self.run_dir, ["outcome"]).column(0).to_pylist()]
 

@@ -19,13 +19,12 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import yaml
 
 from tune_sana.config import Outcome, Precision, TrialConfig, UserError
@@ -38,6 +37,7 @@ from tune_sana.results import (
     read_metadata,
     read_trials,
 )
+from tune_sana.storage import Location, is_uri
 
 CONFIG_NAMES: tuple[str, ...] = tuple(f.name for f in CONFIG_FIELDS)
 SUMMARY_COLUMNS = ["outcome", "divergence_cause", "diverged_step", "nonfinite_module",
@@ -63,7 +63,7 @@ class Run:
     """
 
     label: str
-    path: Path
+    path: Path | str
     trials: pa.Table
     running: pa.Table
     searched: tuple[str, ...] = ()
@@ -83,14 +83,15 @@ class Section:
 
 # --- reading ---------------------------------------------------------------------------------
 
-def read_spec(run_dir: Path) -> dict[str, Any]:
+def read_spec(run_dir: str | os.PathLike[str] | Location) -> dict[str, Any]:
     """The run's spec: sweep.yaml, else the spec stored in trials.parquet's metadata."""
     text = ""
-    spec_file = run_dir / SPEC_FILE
+    folder = Location.of(run_dir)
+    spec_file = folder / SPEC_FILE
     if spec_file.is_file():
         text = spec_file.read_text()
-    elif (run_dir / TRIALS_FILE).is_file():
-        text = read_metadata(run_dir / TRIALS_FILE).get("tune_sana.spec", "")
+    elif (folder / TRIALS_FILE).is_file():
+        text = read_metadata(folder / TRIALS_FILE).get("tune_sana.spec", "")
     try:
         spec = yaml.safe_load(text) if text else {}
     except yaml.YAMLError:
@@ -125,7 +126,8 @@ def lr_decade(lr: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
     return decade
 
 
-def _running(run_dir: Path, finished: pa.Array | pa.ChunkedArray) -> pa.Table:
+def _running(run_dir: str | os.PathLike[str] | Location,
+             finished: pa.Array | pa.ChunkedArray) -> pa.Table:
     """Trials in history/ that are not in trials.parquet yet, summarised from their rows."""
     ids = read_history(run_dir, columns=["trial_id"]).column(0).unique()
     done = finished.combine_chunks() if isinstance(finished, pa.ChunkedArray) else finished
@@ -148,20 +150,22 @@ def _running(run_dir: Path, finished: pa.Array | pa.ChunkedArray) -> pa.Table:
     }).sort_by("trial_id")
 
 
-def run_label(path: Path, others: Sequence[Path] = ()) -> str:
+def run_label(path: Path | PurePath, others: Sequence[Path | PurePath] = ()) -> str:
     """The folder name, or parent/name where two run dirs share a name."""
     if sum(p.name == path.name for p in others) > 1:
         return f"{path.parent.name}/{path.name}"
     return path.name
 
 
-def read_trial_columns(run_dir: Path, columns: Sequence[str]) -> pa.Table:
+def read_trial_columns(run_dir: str | os.PathLike[str] | Location,
+                       columns: Sequence[str]) -> pa.Table:
     """``columns`` of trials.parquet, read with projection. A column the file lacks (written
     before a TrialConfig field or summary column existed) comes back as nulls of its
     TRIALS_SCHEMA type, so files of older versions still read."""
-    path = run_dir / TRIALS_FILE
-    present = set(pq.read_schema(path).names) if path.is_file() else set(TRIALS_SCHEMA.names)
-    table = read_trials(run_dir, [c for c in columns if c in present])
+    folder = Location.of(run_dir)
+    path = folder / TRIALS_FILE
+    present = set(path.read_schema().names) if path.is_file() else set(TRIALS_SCHEMA.names)
+    table = read_trials(folder, [c for c in columns if c in present])
     for name in columns:
         if name not in present:
             table = table.append_column(
@@ -170,8 +174,9 @@ def read_trial_columns(run_dir: Path, columns: Sequence[str]) -> pa.Table:
 
 
 def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> Run:
-    """Read one run dir (UserError if it is not one). Works while the sweep runs."""
-    path = Path(run_dir)
+    """Read one run dir, a local folder or a URI (UserError if it is not one). Works while the
+    sweep runs."""
+    path = Location.of(run_dir)
     trials = read_trial_columns(path, ["trial_id", *CONFIG_NAMES, *SUMMARY_COLUMNS])
     spec = read_spec(path)
     fixed = spec.get("fixed") if isinstance(spec.get("fixed"), dict) else {}
@@ -179,13 +184,15 @@ def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> Run:
     trials = _fill_config(trials, fixed or {}, set(space or {}))
     trials = trials.append_column("lr_decade", lr_decade(trials["lr"]))
     running = _running(path, trials["trial_id"])
-    return Run(label or path.name, path, trials, running,
+    return Run(label or path.name, path.public(), trials, running,
                tuple(k for k in CONFIG_NAMES if k in (space or {})))
 
 
 def load_runs(run_dirs: Sequence[str | os.PathLike[str]]) -> list[Run]:
-    paths = [Path(p) for p in run_dirs]
-    resolved = [p.resolve() for p in paths]
+    paths: list[Path | str] = [str(p) if is_uri(p) else Path(p) for p in run_dirs]
+    # Local folders resolved (symlinks, ..); a URI by the path on its filesystem.
+    resolved: list[Path | PurePath] = [
+        PurePosixPath(Location.of(p).path) if isinstance(p, str) else p.resolve() for p in paths]
     for i, p in enumerate(resolved):
         if p in resolved[:i]:
             raise UserError(f"{paths[i]}: run dir given twice; pass each run dir once")

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import signal
-import tempfile
 import threading
 import time
 import types
@@ -28,10 +27,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from tune_sana.config import TrialConfig, UserError
 from tune_sana.health import clean
+from tune_sana.storage import Location
 
 SCHEMA_VERSION = 1
 TRIALS_FILE = "trials.parquet"
@@ -148,22 +147,14 @@ def _maybe_die_mid_write() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` to ``path`` via a temp file in the same folder and an atomic rename.
+def write_atomic(table: pa.Table, path: str | os.PathLike[str] | Location) -> None:
+    """Write ``table`` to ``path`` (a local path, a URI or a Location) via a temp file in the
+    same folder, then an atomic rename (``fs.move`` on a URI).
 
     The temp file's name starts with a dot, so pyarrow datasets and globs for ``*.parquet``
     never see it; a crash leaves at most such a file, removed on resume.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        _maybe_die_mid_write()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    Location.of(path).write_table_atomic(table, before_commit=_maybe_die_mid_write)
 
 
 def history_table(rows: Sequence[Mapping[str, Any]], meta: dict[bytes, bytes]) -> pa.Table:
@@ -218,9 +209,11 @@ class ResultsWriter:
 
     def __init__(self, run_dir: str | os.PathLike[str], spec_yaml: str = "",
                  flush_rows: int = 2000, flush_seconds: float = 5.0, resume: bool = False) -> None:
-        self.run_dir = Path(run_dir)
-        self.history_dir = self.run_dir / HISTORY_DIR
-        self.history_dir.mkdir(parents=True, exist_ok=True)
+        self.location = Location.of(run_dir)
+        self.run_dir: Path | str = self.location.public()
+        self._history = self.location / HISTORY_DIR
+        self._history.create_dir()
+        self.history_dir: Path | str = self._history.public()
         self.meta = file_metadata(spec_yaml)
         self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self._buffer: list[dict[str, Any]] = []
@@ -230,14 +223,14 @@ class ResultsWriter:
         self._parts = 0
         # Trials finished before a resume: their rows and history stay exactly as written.
         self.resumed: frozenset[str] = frozenset()
-        if resume and (self.run_dir / TRIALS_FILE).is_file():
-            for row in pq.read_table(self.run_dir / TRIALS_FILE).to_pylist():
+        if resume and (self.location / TRIALS_FILE).is_file():
+            for row in (self.location / TRIALS_FILE).read_table().to_pylist():
                 self._trials[row["trial_id"]] = row
             self.resumed = frozenset(self._trials)
         self._last_step: dict[str, int] = {}
         if resume:
             self._remove_temp_files()
-            done = read_history(self.run_dir, ["trial_id", "step"]).group_by("trial_id").aggregate(
+            done = read_history(self.location, ["trial_id", "step"]).group_by("trial_id").aggregate(
                 [("step", "max")])
             self._last_step = dict(zip(done["trial_id"].to_pylist(),
                                        done["step_max"].to_pylist(), strict=True))
@@ -248,9 +241,9 @@ class ResultsWriter:
 
     def _remove_temp_files(self) -> None:
         """Temp files of writes that a crash cut short (never visible to readers: dot-names)."""
-        for folder in (self.run_dir, self.history_dir):
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+        for folder in (self.location, self._history):
+            for tmp in folder.entries(prefix=".", suffix=".tmp", dirs=False, hidden=True):
+                tmp.delete()
 
     def add_step(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
         row = {**metrics, "trial_id": trial_id}
@@ -274,7 +267,7 @@ class ResultsWriter:
         with self._lock:
             self._trials[trial_id] = trial_row(trial_id, config, summary)
             table = trials_table(self._trials.values(), self.meta)
-            write_atomic(table, self.run_dir / TRIALS_FILE)
+            write_atomic(table, self.location / TRIALS_FILE)
 
     def flush(self) -> None:
         with self._lock:
@@ -284,10 +277,10 @@ class ResultsWriter:
                 return
             self._parts += 1
             name = f"part-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.parquet"
-            write_atomic(history_table(rows, self.meta), self.history_dir / name)
+            write_atomic(history_table(rows, self.meta), self._history / name)
 
 
-def _require_run_dir(run_dir: Path) -> None:
+def _require_run_dir(run_dir: Location) -> None:
     if not (run_dir / TRIALS_FILE).is_file() and not (run_dir / HISTORY_DIR).is_dir():
         raise UserError(
             f"{run_dir}: not a tune-sana run directory (no {TRIALS_FILE} or {HISTORY_DIR}/); "
@@ -295,33 +288,34 @@ def _require_run_dir(run_dir: Path) -> None:
         )
 
 
-def read_trials(run_dir: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
-    """trials.parquet (an empty TRIALS_SCHEMA table while no trial has finished)."""
-    folder = Path(run_dir)
+def read_trials(run_dir: str | os.PathLike[str] | Location,
+                columns: list[str] | None = None) -> pa.Table:
+    """trials.parquet (an empty TRIALS_SCHEMA table while no trial has finished). ``run_dir``:
+    a local folder or a URI."""
+    folder = Location.of(run_dir)
     _require_run_dir(folder)
     path = folder / TRIALS_FILE
     if not path.is_file():
         empty = TRIALS_SCHEMA.empty_table()
         return empty.select(columns) if columns else empty
-    return pq.read_table(path, columns=columns)
+    return path.read_table(columns=columns)
 
 
-def read_history(run_dir: str | os.PathLike[str], columns: list[str] | None = None,
+def read_history(run_dir: str | os.PathLike[str] | Location, columns: list[str] | None = None,
                  trial_ids: Sequence[str] | None = None) -> pa.Table:
     """All history rows (column projection and a trial filter pushed into the scan)."""
-    folder = Path(run_dir)
+    folder = Location.of(run_dir)
     _require_run_dir(folder)
-    hist = folder / HISTORY_DIR
-    files = sorted(str(p) for p in hist.glob("*.parquet")) if hist.is_dir() else []
+    files = [f.path for f in (folder / HISTORY_DIR).entries(suffix=".parquet", dirs=False)]
     if not files:
         empty = HISTORY_SCHEMA.empty_table()
         return empty.select(columns) if columns else empty
-    dataset = ds.dataset(files, schema=HISTORY_SCHEMA, format="parquet")
+    dataset = ds.dataset(files, schema=HISTORY_SCHEMA, format="parquet", filesystem=folder.fs)
     flt = ds.field("trial_id").isin(list(trial_ids)) if trial_ids is not None else None
     return dataset.to_table(columns=columns, filter=flt)
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The tune_sana.* metadata of one Parquet file."""
-    raw = pq.read_schema(path).metadata or {}
+def read_metadata(path: str | os.PathLike[str] | Location) -> dict[str, str]:
+    """The tune_sana.* metadata of one Parquet file (a local path or a URI)."""
+    raw = Location.of(path).read_schema().metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"tune_sana.")}

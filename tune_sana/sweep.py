@@ -24,6 +24,7 @@ from tune_sana import preflight
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.results import SPEC_FILE
 from tune_sana.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec
+from tune_sana.storage import Location, is_uri
 
 DEFAULT_STORAGE = "runs"
 
@@ -133,48 +134,64 @@ def error_row(err: BaseException, step: int | None) -> dict[str, Any]:
 # --- paths ----------------------------------------------------------------------------------
 
 def _is_uri(storage: str) -> bool:
-    return "://" in storage
+    return is_uri(storage)
 
 
 def storage_root(storage: str) -> str:
-    """An absolute local path (created and checked for writing) or a URI left as is."""
+    """An absolute local path (created and checked for writing) or a URI (its folder created;
+    pyarrow must understand it)."""
     if _is_uri(storage):
-        return storage
-    root = Path(storage).expanduser().resolve()
+        root = Location.of(storage)
+        try:
+            root.create_dir()
+        except OSError as err:
+            raise UserError(f"--storage {storage}: cannot create the folder ({err}); "
+                            "check the URI and its credentials") from None
+        return root.text
+    root_path = Path(storage).expanduser().resolve()
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".tune-sana-write-test-{os.getpid()}"
+        root_path.mkdir(parents=True, exist_ok=True)
+        probe = root_path / f".tune-sana-write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
         raise UserError(f"--storage {storage}: not writable ({err.strerror}); "
                         "choose a folder you can write to") from None
-    return str(root)
+    return str(root_path)
 
 
-def _latest_run(root: Path, prefix: str) -> Path | None:
-    runs = [p for p in root.glob(f"{prefix}-*") if (p / SPEC_FILE).is_file()]
-    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+def _latest_run(root: str | os.PathLike[str] | Location, prefix: str) -> Path | str | None:
+    """The newest run of this space under ``root`` (by the folder's modification time, or its
+    sweep.yaml's where the filesystem keeps none for folders)."""
+    runs = [p for p in Location.of(root).entries(prefix=f"{prefix}-", dirs=True)
+            if (p / SPEC_FILE).is_file()]
+    if not runs:
+        return None
+
+    def mtime(run: Location) -> float:
+        return run.mtime() or (run / SPEC_FILE).mtime() or 0.0
+
+    return max(runs, key=mtime).public()
 
 
-def run_dir_for(spec_name: str, options: SweepOptions) -> Path:
+def run_dir_for(spec_name: str, options: SweepOptions) -> Path | str:
     """The run directory: <storage>/<name>; on --resume without a name, the newest run of
-    this space under storage."""
-    root = Path(storage_root(options.storage))
+    this space under storage. A Path for a local folder, the URI string for a URI."""
+    root = Location.of(storage_root(options.storage))
     if options.name:
-        return root / options.name
+        return (root / options.name).public()
     if options.resume:
         latest = _latest_run(root, spec_name)
         if latest is None:
             raise UserError(f"--resume: no earlier run of '{spec_name}' under {root}; "
                             "pass --name of the run to resume, or drop --resume")
         return latest
-    return root / f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return (root / f"{spec_name}-{time.strftime('%Y%m%d-%H%M%S')}").public()
 
 
-def check_resumable(run_dir: Path, spec: SweepSpec) -> None:
+def check_resumable(run_dir: str | os.PathLike[str], spec: SweepSpec) -> None:
     """--resume needs the same spec as the run it continues (Ray cannot change the space)."""
-    saved = run_dir / SPEC_FILE
+    saved = Location.of(run_dir) / SPEC_FILE
     if not saved.is_file():
         raise UserError(f"--resume: {run_dir} is not a tune-sana run (no {SPEC_FILE})")
     before = yaml.safe_load(saved.read_text())
@@ -186,11 +203,10 @@ def check_resumable(run_dir: Path, spec: SweepSpec) -> None:
                         "--set values, or start a new run without --resume")
 
 
-def write_spec(run_dir: Path, spec: SweepSpec) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{SPEC_FILE}.tmp"
-    tmp.write_text(spec.to_yaml())
-    os.replace(tmp, run_dir / SPEC_FILE)
+def write_spec(run_dir: str | os.PathLike[str], spec: SweepSpec) -> None:
+    folder = Location.of(run_dir)
+    folder.create_dir()
+    (folder / SPEC_FILE).write_text_atomic(spec.to_yaml())
 
 
 # --- Ray -----------------------------------------------------------------------------------
@@ -274,8 +290,9 @@ def _max_t(spec: SweepSpec) -> int:
     return int(spec.fixed.get("steps", TrialConfig.model_fields["steps"].default))
 
 
-def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: bool) -> Any:
-    """The Tuner (fresh, or restored from ``run_dir``)."""
+def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: SweepOptions,
+                restore: bool) -> Any:
+    """The Tuner (fresh, or restored from ``run_dir``: a local folder or a URI)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -289,8 +306,9 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
                              cpus=spec.resources.cpu),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
+    location = Location.of(run_dir)
     if restore:
-        return tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True,
+        return tune.Tuner.restore(location.text, trainable, resume_unfinished=True,
                                   resume_errored=True)
     searcher, param_space = build_searcher(spec)
     if spec.search.algorithm == "optuna":
@@ -314,7 +332,7 @@ def build_tuner(spec: SweepSpec, run_dir: Path, options: SweepOptions, restore: 
             num_samples=spec.search.num_samples, reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=run_dir.name, storage_path=str(run_dir.parent), stop=DivergenceStopper(),
+            name=location.name, storage_path=location.parent.text, stop=DivergenceStopper(),
             callbacks=[recorder], verbose=0,
             failure_config=tune.FailureConfig(max_failures=spec.max_retries),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -346,18 +364,16 @@ def encode_once(spec: SweepSpec) -> SweepSpec:
     return spec.model_copy(update={"fixed": {**spec.fixed, "data": prepared}})
 
 
-def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Path:
-    """Run (or resume) the sweep; returns the run directory holding the Parquet record."""
+def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Path | str:
+    """Run (or resume) the sweep; returns the run directory holding the Parquet record (a Path
+    for local storage, the URI string for a URI)."""
     spec = encode_once(spec)  # sweep.yaml then names the encoded folder every trial reads
     run_dir = run_dir_for(spec_name, options)
     if options.resume:
         check_resumable(run_dir, spec)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif Location.of(run_dir).entries(hidden=True):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or "
                         "choose another --name")
-    if _is_uri(options.storage):
-        raise UserError(f"--storage {options.storage}: URIs are not supported for the Parquet "
-                        "record yet; use a shared filesystem path")
     preflight.check_local(spec)  # also builds the demo base once, if a trial uses it
     init_ray(options)
     preflight.check_cluster(spec)
@@ -366,7 +382,8 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
 
     # Ray can restore only once it has saved experiment state; a driver killed before that
     # leaves nothing to restore, and the sweep starts afresh in the same run directory.
-    restore = options.resume and any(run_dir.glob("experiment_state-*.json"))
+    restore = options.resume and bool(
+        Location.of(run_dir).entries(prefix="experiment_state-", suffix=".json", dirs=False))
     tuner = build_tuner(spec, run_dir, options, restore=restore)
     tuner.fit()
     return run_dir

@@ -1,0 +1,78 @@
+"""Every benchmark under bench/ runs end to end at a tiny size and prints one JSON object last.
+
+The scripts run in this process (one shared local Ray, so the whole file stays near a minute on
+two cores); their figures at tiny sizes mean nothing and are not checked, only their shape.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+pytestmark = pytest.mark.slow
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# Each benchmark with arguments that make it tiny (the fresh tiny model: no demo base needed).
+TINY: dict[str, list[str]] = {
+    "trial_overhead": ["--model", "sana-tiny", "--steps", "4", "--rounds", "1",
+                       "--precisions", "fp32"],
+    "searcher_divergence": ["--trials", "4", "--seeds", "0", "--steps", "8", "--grace", "2",
+                            "--concurrency", "1"],
+    "search_efficiency": ["--trials", "4", "--seeds", "0", "--steps", "8", "--grace", "2",
+                          "--concurrency", "1"],
+    "wasted_compute": ["--model", "sana-tiny", "--steps", "4", "--eval-every", "2",
+                       "--grace", "2", "--precisions", "fp32,fp16", "--lrs", "1e-3",
+                       "--concurrency", "1"],
+    "orchestration": ["--model", "sana-tiny", "--trials", "2", "--steps", "4",
+                      "--concurrency", "1"],
+}
+FIELDS: dict[str, set[str]] = {
+    "trial_overhead": {"worst_ratio", "worst_cpu_ratio", "modes", "target_met"},
+    "searcher_divergence": {"stock", "tune_sana", "target_met"},
+    "search_efficiency": {"tune_sana_median_steps", "random_median_steps", "ratio",
+                          "target_met"},
+    "wasted_compute": {"plain_steps_after_onset", "tune_sana_steps_after_onset",
+                       "plain_total_steps", "tune_sana_total_steps", "plain_wall_s",
+                       "tune_sana_wall_s", "target_met"},
+    "orchestration": {"tune_sana_efficiency", "plain_efficiency", "tune_sana", "plain",
+                      "target_met"},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level="ERROR", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _run(name: str, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        module = importlib.import_module(name)
+        module.main(TINY[name])
+    finally:
+        sys.path.remove(str(BENCH))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) >= 2, "a human summary, then the JSON line"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_benchmark_prints_its_figures_as_json_last(
+        name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run(name, capsys)
+    assert result["benchmark"] == name
+    assert FIELDS[name] <= set(result), FIELDS[name] - set(result)
+    assert isinstance(result["target_met"], bool)
+    assert result["machine"]["cpus"] >= 1
