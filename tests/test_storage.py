@@ -4,7 +4,6 @@ file:// URI, the Parquet record written and read through a URI, and a real sweep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -133,16 +132,6 @@ def test_export_says_it_needs_a_local_run(tmp_path: Path) -> None:
 
 
 # --- a real sweep with --storage file:///... ----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def local_ray() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 @pytest.mark.slow
 def test_sweep_report_and_resume_with_a_file_uri(
