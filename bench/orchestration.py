@@ -8,11 +8,13 @@ lr 1e-4, one CPU thread, validation at the end only; the trials differ by seed),
 about --trial-seconds of compute: the driver first times --calibrate steps alone and sets
 steps = trial_seconds / seconds per step. Real CPU compute, not sleep: concurrent trials compete
 for the cores as they would on a real node. The same trials run at --concurrency twice on one
-local Ray, each side reporting every step:
+local Ray, the trial program reporting a row every step on both sides:
 
-  plain:     Ray Tune alone: Tuner + grid search + FIFO, a trainable that calls the trial with
+  plain:     Ray Tune alone: Tuner + grid search + FIFO, a trainable that hands every row to
              tune.report, no stopper, no recorder.
-  tune-sana: tune_sana.sweep.run (sanitised reports, divergence stopper, Parquet recorder).
+  tune-sana: tune_sana.sweep.run (sanitised rows relayed to Ray in batches (tune_sana/relay.py:
+             evaluations, verdicts and checkpoints at once, other rows at least every second),
+             divergence stopper, Parquet recorder).
 
 Figures per side:
   efficiency       sum of the trials' compute / (sweep wall time x concurrency), where compute is
@@ -23,7 +25,8 @@ Figures per side:
   startup_s        per trial: from its slot freeing (the sweep's start for the first trials, else
                    the end of the trial it replaced) to its first step starting (Ray scheduling,
                    actor start or reuse, the trial's imports, data and model loading); median and
-                   max. Times are the driver's clock when each row arrived.
+                   max. Times: plain, the driver's clock when each row arrived; tune-sana,
+                   the time the trial made each row (the history's timestamp).
   report_ms        per step: (loop wall time - step times) / steps, mostly the report round trip
                    to the driver (the training thread waits for Ray to take each result).
 --plain-report-every K adds a third run: plain Ray Tune with a report every K steps only (each

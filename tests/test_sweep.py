@@ -119,3 +119,16 @@ def test_sana_sweep_diverges_for_real_and_stops_at_the_diverged_step(tmp_path: P
         assert rows[mode]["outcome"] == "completed" and rows[mode]["steps_run"] == 30
         assert rows[mode]["best_val_loss"] > 0
     assert no_nonfinite(read_history(run_dir))
+
+    # The relay sent the steps in batches (evaluations at once), and every step arrived once.
+    fp32 = rows["fp32"]["trial_id"]
+    hist = read_history(run_dir, ["trial_id", "step", "timestamp"]).to_pylist()
+    steps = [r["step"] for r in hist if r["trial_id"] == fp32]
+    assert sorted(steps) == list(range(30))
+    ray_results = glob.glob(str(run_dir / f"*{fp32}*" / "result.json"))
+    assert len(ray_results) == 1
+    n_results = len(Path(ray_results[0]).read_text().splitlines())
+    assert 3 <= n_results < 30  # at least the three evaluations, fewer than one per step
+    times = [r["timestamp"] for r in sorted(hist, key=lambda r: r["step"])
+             if r["trial_id"] == fp32]
+    assert times == sorted(times) and len(set(times)) == 30  # each row's own time

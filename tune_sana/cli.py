@@ -51,7 +51,7 @@ def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
     return SweepOptions(
         name=args.name, storage=args.storage, address=args.address, resume=resume,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,
-        progress_every_s=args.progress_every,
+        progress_every_s=args.progress_every, report_every_s=args.report_every,
     )
 
 
@@ -148,6 +148,10 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
                         help="start Ray's dashboard (on 127.0.0.1) with the embedded Ray")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                         help="seconds between progress lines (default 10)")
+    parser.add_argument("--report-every", type=float, default=1.0, metavar="SECONDS",
+                        help="how long a trial may hold its step rows before sending them to "
+                        "the driver; evaluations, verdicts and checkpoints go at once "
+                        "(default 1; 0 sends every step)")
 
 
 def build_parser() -> argparse.ArgumentParser:

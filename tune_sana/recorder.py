@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
+from tune_sana.relay import unpack
 from tune_sana.results import ResultsWriter
 
 # Keys Ray adds to every result; they are not the trial's metrics.
@@ -108,17 +109,18 @@ class ResultsRecorder(Callback):
                         result: dict[str, Any], **info: Any) -> None:
         if trial.trial_id in self.writer.resumed:
             return
-        metrics = {k: v for k, v in result.items() if k not in _RAY_KEYS}
-        if metrics.get("outcome") == "error":
-            return  # the error row is a verdict, not a step: on_trial_complete records it
-        self._tracks.setdefault(trial.trial_id, _Track()).update(metrics)
-        self.writer.add_step(trial.trial_id, metrics)
+        track = self._tracks.setdefault(trial.trial_id, _Track())
+        for row in _rows(result):
+            if row.get("outcome") == "error":
+                continue  # the error row is a verdict, not a step: on_trial_complete records it
+            track.update(row)
+            self.writer.add_step(trial.trial_id, row)
         self._progress(trials)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:
         track = self._tracks.pop(trial.trial_id, _Track())
-        last = {k: v for k, v in (trial.last_result or {}).items() if k not in _RAY_KEYS}
+        last = _rows(trial.last_result or {})[-1]
         if last:
             track.update(last)
         outcome = track.last.get("outcome")
@@ -176,6 +178,11 @@ class ResultsRecorder(Callback):
         stream = self._stream or sys.stderr
         print(f"[{now - self._started:6.0f}s] " + " | ".join(parts) + best, file=stream,
               flush=True)
+
+
+def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trial's rows in one Ray result (several when the relay batched them)."""
+    return unpack({k: v for k, v in result.items() if k not in _RAY_KEYS})
 
 
 def _pairing(config: dict[str, Any]) -> str | None:

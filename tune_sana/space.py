@@ -61,7 +61,7 @@ class SchedulerSpec(_Strict):
     """Early stopping of slow-but-finite trials, on the validation metric."""
 
     type: Literal["asha", "fifo"] = "asha"
-    grace_period: int = Field(50, ge=1, description="reports a trial runs before it can be pruned")
+    grace_period: int = Field(50, ge=1, description="steps a trial runs before it can be pruned")
     reduction_factor: float = Field(3.0, gt=1)
     max_t: int | None = Field(None, ge=1, description="default: the trial's steps")
 

@@ -1,8 +1,9 @@
 """Build and run the sweep: a ray.tune.Tuner over a trial program, locally or on a cluster.
 
 The trial program never imports Ray: ``_trainable`` (run inside each Tune trial) validates the
-config, hands the trial a ``report`` that cleans every row (NaN never reaches Ray) and forwards it
-to ``ray.tune.report``. The driver owns the Parquet record (``recorder.ResultsRecorder``).
+config, hands the trial a ``report`` that cleans every row (NaN never reaches Ray) and relays it
+to ``ray.tune.report`` in batches (relay.py). The driver owns the Parquet record
+(``recorder.ResultsRecorder``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class SweepOptions:
     num_gpus: int | None = None
     dashboard: bool = False
     progress_every_s: float = 10.0
+    report_every_s: float = 1.0
     connect_timeout_s: float = 30.0
 
 
@@ -51,11 +53,12 @@ def load_trial(name: str) -> Callable[..., Any]:
     return run
 
 
-def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str,
-               cpus: float) -> None:
-    """Runs in a Tune trial: one trial program call, reporting through Ray."""
+def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpus: float,
+               metric: str = "val_loss", report_every_s: float = 1.0) -> None:
+    """Runs in a Tune trial: one trial program call, its rows relayed to Ray in batches."""
     from ray import tune
 
+    from tune_sana.relay import RowRelay
     from tune_sana.stopping import sanitize
 
     values = {**fixed, **config}
@@ -65,31 +68,30 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str,
         torch.set_num_threads(max(1, int(cpus)))  # a trial's CPU share, not the whole node
     run = load_trial(trial)
 
+    def send(result: dict[str, Any], checkpoint: Any) -> None:
+        tune.report(result, checkpoint=checkpoint)
+
+    relay = RowRelay(send, metric, every_s=report_every_s)
+    checkpointer = _RayCheckpointer()
     last_step: list[int] = []
 
     def report(row: dict[str, Any]) -> None:
         if "step" in row:
             last_step[:] = [int(row["step"])]
-        tune.report(sanitize(row))
-
-    checkpointer = _RayCheckpointer()
-
-    def report_with_checkpoint(row: dict[str, Any]) -> None:
-        if "step" in row:
-            last_step[:] = [int(row["step"])]
-        tune.report(sanitize(row), checkpoint=checkpointer.take())
+        relay.add(sanitize(row), checkpoint=checkpointer.take())
 
     try:
         if trial in TRIAL_CONFIG_TRIALS:
             trial_config = build_config(values, "trial config")
-            run(trial_config, report_with_checkpoint, checkpoint=checkpointer)
+            run(trial_config, report, checkpoint=checkpointer)
         else:
             run(values, report)
     except Exception as err:  # any failure becomes the outcome
         # An exception (a bug, a bad setting, out of memory) ends this trial as `error` with its
         # message, and the sweep goes on. It is not retried: it would fail again. Only a trial
         # whose process dies is retried by Ray (FailureConfig).
-        tune.report(error_row(err, last_step[0] if last_step else None))
+        relay.add(error_row(err, last_step[0] if last_step else None))
+    relay.flush()  # a trial program that ended without a final row
 
 
 class _RayCheckpointer:
@@ -298,12 +300,14 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
     from ray.tune.search import ConcurrencyLimiter
 
     from tune_sana.recorder import ResultsRecorder
+    from tune_sana.relay import STEPS_KEY
     from tune_sana.search import build_searcher
     from tune_sana.stopping import DivergenceStopper
 
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, fixed=dict(spec.fixed), trial=spec.trial,
-                             cpus=spec.resources.cpu),
+                             cpus=spec.resources.cpu, metric=spec.metric,
+                             report_every_s=options.report_every_s),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     location = Location.of(run_dir)
@@ -316,7 +320,8 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
         # TuneConfig.max_concurrent_trials (it sees an already wrapped search algorithm).
         searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
     if spec.scheduler.type == "asha":
-        scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=_max_t(spec),
+        # Steps, not Ray's training_iteration: one result may carry many steps (relay.py).
+        scheduler: Any = ASHAScheduler(time_attr=STEPS_KEY, max_t=_max_t(spec),
                                        grace_period=spec.scheduler.grace_period,
                                        reduction_factor=spec.scheduler.reduction_factor)
     else:
