@@ -17,7 +17,8 @@ get there. Per searcher seed, on one local Ray at concurrency 2:
 Both get the same budget of --trials trials.
 
 Compute until found = trial-steps reported by all trials up to the report that found it, in the
-order the driver received them. A run that never finds one within its budget counts as worse
+order they ran (tune-sana: each history row's time, as the trial made it; random: when the driver
+received the row). A run that never finds one within its budget counts as worse
 than every run that did (infinite, for the median; its steps run are listed); a median over
 seeds that is not found is null and misses the target. Reported per side: the median over
 seeds (and each seed) and how many runs found one; and the probability p that a random lr lands

@@ -7,12 +7,13 @@ NaN every step from step 5 when lr > 1e-2, never checking itself) over lr loguni
 (40% of the log range diverges) and its seed in 0..3 (a nuisance dimension), 40 steps, val_loss
 every step (Ray's stock OptunaSearch needs the metric in every result). For each searcher seed,
 two runs of --trials trials on one local Ray, concurrency 2, ASHA (grace 10, reduction factor 3)
-on val_loss, the same TPE settings (TPESampler(seed, n_startup_trials as tune-sana sets it),
-Optuna's defaults otherwise):
+on val_loss, the same TPE seed and startup trials (n_startup_trials as tune-sana sets it):
 
   stock:     plain Ray Tune: Tuner + ray.tune.search.optuna.OptunaSearch + ASHAScheduler, the
-             trial reporting what it computes (NaN included).
-  tune-sana: tune_sana.sweep.run with search.algorithm optuna (DivergenceAwareOptunaSearch, the
+             trial reporting what it computes (NaN included), TPESampler(seed, n_startup_trials)
+             with Optuna's defaults otherwise.
+  tune-sana: tune_sana.sweep.run with search.algorithm optuna (DivergenceAwareOptunaSearch with
+             tune-sana's TPE settings: a quarter of the finished trials modelled as good; the
              engine's stopper and sanitised reports).
 
 A trial is diverged when its lr is above the threshold (true by construction of the trial, and

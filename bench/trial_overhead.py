@@ -1,6 +1,6 @@
 """Trial overhead: the trial program with every check and report on vs a bare PyTorch loop.
 
-    TUNE_SANA_HOME=/tmp/tshome .venv/bin/python bench/trial_overhead.py [--steps 100] [--rounds 15]
+    TUNE_SANA_HOME=/tmp/tshome .venv/bin/python bench/trial_overhead.py [--steps 100] [--rounds 40]
 
 Per precision mode (--precisions, default fp32 and bf16 autocast), both sides train the same
 model (the demo base by default) on the same data with the same seed, batches, noise, optimizer,
@@ -66,7 +66,7 @@ def measure(config: Any, rounds: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds (after a warm-up)")
+    parser.add_argument("--rounds", type=int, default=40, help="timed rounds (after a warm-up)")
     parser.add_argument("--precisions", default="fp32,bf16-amp")
     parser.add_argument("--model", default="demo-base")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -80,7 +80,7 @@ def local_ray() -> Iterator[None]:
     """A local Ray on 127.0.0.1 for one test module (started once, not per test)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()

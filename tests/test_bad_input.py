@@ -133,6 +133,8 @@ def test_bad_dataset_is_one_line_exit_2(case: str, pipeline: Path, tmp_path: Pat
 
 
 CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "negative report interval": (lambda t: [*_replace("", "")(t), "--report-every", "-1"],
+                                 "--report-every -1"),
     "malformed yaml": (lambda t: ["sweep", _space(t, "space: {lr: [1, 2\n")],
                        "malformed YAML at line"),
     "yaml not a mapping": (lambda t: ["sweep", _space(t, "- lr\n- steps\n")], "expected a mapping"),

@@ -3,6 +3,7 @@ and through `ray job submit`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -89,6 +90,30 @@ def test_sweep_submitted_as_a_ray_job(head: tuple[str, str], tmp_path: Path) -> 
     assert result.returncode == 0, (result.stdout + result.stderr)[-2000:]
     assert "succeeded" in result.stdout.lower()
     assert len(trials_by_id(tmp_path / "j")) == 4
+
+
+def _drivers(dashboard: str) -> int:
+    listed = subprocess.run([RAY, "list", "jobs", "--address", dashboard, "--format", "json",
+                             "--limit", "1000"], capture_output=True, text=True, timeout=120,
+                            env=CLUSTER_ENV, check=True)
+    text = listed.stdout.strip()
+    return 0 if text == "No resource in the cluster" else len(json.loads(text))
+
+
+def test_sweep_without_address_starts_its_own_ray_beside_a_running_cluster(
+        head: tuple[str, str], tmp_path: Path) -> None:
+    """`ray.init()` with no address joins a cluster already running on the machine; the
+    embedded sweep must start its own (address "local") and leave the cluster alone."""
+    _, dashboard = head
+    before = _drivers(dashboard)
+    result = subprocess.run(
+        [sys.executable, "-m", "tune_sana.cli", "sweep", str(_space(tmp_path)),
+         "--storage", str(tmp_path), "--name", "own"],
+        capture_output=True, text=True, timeout=300, env=CLUSTER_ENV,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(trials_by_id(tmp_path / "own")) == 4
+    assert _drivers(dashboard) == before  # no driver ever connected to the cluster
 
 
 def test_unreachable_address_is_one_line_in_bounded_time(

@@ -48,6 +48,10 @@ def cmd_make_base(args: argparse.Namespace) -> int:
 def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
     from tune_sana.sweep import SweepOptions
 
+    for flag, value in (("--progress-every", args.progress_every),
+                        ("--report-every", args.report_every)):
+        if not value >= 0:
+            raise UserError(f"{flag} {value:g}: must be 0 or more seconds")
     return SweepOptions(
         name=args.name, storage=args.storage, address=args.address, resume=resume,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,

@@ -238,6 +238,7 @@ def init_ray(options: SweepOptions) -> None:
             raise
         return
     ray.init(
+        address="local",  # a new instance: never a cluster someone left running on this machine
         num_cpus=options.num_cpus,
         num_gpus=options.num_gpus,
         include_dashboard=options.dashboard,
