@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from tune_sana import relay
 from tune_sana.config import UserError, build_config, parse_overrides, read_yaml_mapping
 
 Command = Callable[[argparse.Namespace], int]
@@ -152,10 +153,10 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
                         help="start Ray's dashboard (on 127.0.0.1) with the embedded Ray")
     parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
                         help="seconds between progress lines (default 10)")
-    parser.add_argument("--report-every", type=float, default=1.0, metavar="SECONDS",
+    parser.add_argument("--report-every", type=float, default=relay.EVERY_S, metavar="SECONDS",
                         help="how long a trial may hold its step rows before sending them to "
                         "the driver; evaluations, verdicts and checkpoints go at once "
-                        "(default 1; 0 sends every step)")
+                        f"(default {relay.EVERY_S:g}; 0 sends every step)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ ROWS_KEY = "rows_before"  # the batch's earlier rows, oldest first, as a JSON li
 STEPS_KEY = "steps_done"  # 1 + the newest row's step: ASHA's time attribute
 ROW_TIME_KEY = "row_time"  # wall-clock time the trial made the row
 TRANSPORT_KEYS = frozenset({ROWS_KEY, STEPS_KEY})
+EVERY_S = 1.0  # default longest wait of a plain step row (sweep option --report-every)
 
 Send = Callable[[dict[str, Any], Any], None]
 
@@ -38,7 +39,7 @@ class RowRelay:
     ``every_s=0`` sends every row on its own (the per-step behaviour of a plain Ray trial).
     """
 
-    def __init__(self, send: Send, metric: str, every_s: float = 1.0, max_rows: int = 1000,
+    def __init__(self, send: Send, metric: str, every_s: float = EVERY_S, max_rows: int = 1000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._send = send
         self._metric = metric

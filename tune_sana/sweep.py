@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from tune_sana import preflight
+from tune_sana import preflight, relay
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.results import SPEC_FILE
 from tune_sana.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec
@@ -42,7 +42,7 @@ class SweepOptions:
     num_gpus: int | None = None
     dashboard: bool = False
     progress_every_s: float = 10.0
-    report_every_s: float = 1.0
+    report_every_s: float = relay.EVERY_S
     connect_timeout_s: float = 30.0
 
 
@@ -54,11 +54,10 @@ def load_trial(name: str) -> Callable[..., Any]:
 
 
 def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpus: float,
-               metric: str = "val_loss", report_every_s: float = 1.0) -> None:
+               metric: str, report_every_s: float) -> None:
     """Runs in a Tune trial: one trial program call, its rows relayed to Ray in batches."""
     from ray import tune
 
-    from tune_sana.relay import RowRelay
     from tune_sana.stopping import sanitize
 
     values = {**fixed, **config}
@@ -71,14 +70,14 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpu
     def send(result: dict[str, Any], checkpoint: Any) -> None:
         tune.report(result, checkpoint=checkpoint)
 
-    relay = RowRelay(send, metric, every_s=report_every_s)
+    outbox = relay.RowRelay(send, metric, every_s=report_every_s)
     checkpointer = _RayCheckpointer()
     last_step: list[int] = []
 
     def report(row: dict[str, Any]) -> None:
         if "step" in row:
             last_step[:] = [int(row["step"])]
-        relay.add(sanitize(row), checkpoint=checkpointer.take())
+        outbox.add(sanitize(row), checkpoint=checkpointer.take())
 
     try:
         if trial in TRIAL_CONFIG_TRIALS:
@@ -90,8 +89,8 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpu
         # An exception (a bug, a bad setting, out of memory) ends this trial as `error` with its
         # message, and the sweep goes on. It is not retried: it would fail again. Only a trial
         # whose process dies is retried by Ray (FailureConfig).
-        relay.add(error_row(err, last_step[0] if last_step else None))
-    relay.flush()  # a trial program that ended without a final row
+        outbox.add(error_row(err, last_step[0] if last_step else None))
+    outbox.flush()  # a trial program that ended without a final row
 
 
 class _RayCheckpointer:
@@ -301,7 +300,6 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
     from ray.tune.search import ConcurrencyLimiter
 
     from tune_sana.recorder import ResultsRecorder
-    from tune_sana.relay import STEPS_KEY
     from tune_sana.search import build_searcher
     from tune_sana.stopping import DivergenceStopper
 
@@ -322,7 +320,7 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
         searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
     if spec.scheduler.type == "asha":
         # Steps, not Ray's training_iteration: one result may carry many steps (relay.py).
-        scheduler: Any = ASHAScheduler(time_attr=STEPS_KEY, max_t=_max_t(spec),
+        scheduler: Any = ASHAScheduler(time_attr=relay.STEPS_KEY, max_t=_max_t(spec),
                                        grace_period=spec.scheduler.grace_period,
                                        reduction_factor=spec.scheduler.reduction_factor)
     else:
