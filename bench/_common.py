@@ -109,10 +109,10 @@ def load_now() -> tuple[float, float, float]:
 def ensure_model(model: str) -> None:
     """Build the demo base once (about a minute) if ``model`` is it and it is missing, so that
     no timing includes it."""
-    from tune_sana.models import DEMO_BASE
+    from tune_sana.config import DEMO_BASE
 
     if model == DEMO_BASE:
-        from tune_sana.pretrain import ensure_demo_base
+        from tune_sana.training.demo_base import ensure_demo_base
 
         ensure_demo_base()
 
@@ -125,7 +125,7 @@ def local_ray(num_cpus: int) -> Iterator[float]:
     down on exit only if started here. Yields the seconds ray.init took."""
     import ray
 
-    from tune_sana.sweep import SweepOptions, init_ray
+    from tune_sana.engine.sweep import SweepOptions, init_ray
 
     started_here = not ray.is_initialized()
     t0 = time.perf_counter()
@@ -177,9 +177,9 @@ class SweepRun:
 def run_tune_sana(spec: dict[str, Any], storage: Path, name: str) -> SweepRun:
     """Run ``spec`` (a space file's mapping) through tune_sana.sweep.run, exactly as
     ``tune-sana sweep`` does, and read its Parquet record back."""
-    from tune_sana.results import read_history, read_trials
-    from tune_sana.space import parse_spec
-    from tune_sana.sweep import SweepOptions, run
+    from tune_sana.engine.space import parse_spec
+    from tune_sana.engine.sweep import SweepOptions, run
+    from tune_sana.record.readers import read_history, read_trials
 
     parsed = parse_spec(spec, source=f"bench:{name}")
     options = SweepOptions(name=name, storage=str(storage), progress_every_s=1e9)

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def transformer_config(scale: str) -> dict[str, Any]:
     if scale == "tiny":
-        from tests.tiny_sana import tiny_transformer
+        from tune_sana.testing.tiny_sana import tiny_transformer
 
         config: dict[str, Any] = dict(tiny_transformer().config)
         return {k: v for k, v in config.items() if not k.startswith("_")}
@@ -86,7 +86,7 @@ def vae(scale: str) -> Any:
     from diffusers import AutoencoderDC
 
     if scale == "tiny":
-        from tests.tiny_sana import tiny_vae
+        from tune_sana.testing.tiny_sana import tiny_vae
 
         return tiny_vae()
     vit = ("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock",
@@ -112,7 +112,7 @@ def build_pipeline(folder: Path, scale: str) -> Path:
     import torch
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
 
-    from tests.tiny_sana import tiny_text_encoder, tiny_tokenizer
+    from tune_sana.testing.tiny_sana import tiny_text_encoder, tiny_tokenizer
 
     if (folder / "model_index.json").is_file():
         return folder
@@ -153,7 +153,7 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def build_cache(images: str, model: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from tune_sana import encode
+    from tune_sana.data import cache as encode
 
     options: dict[str, Any] = {"cache_root": str(work / "cache"), "device": args.device,
                                "batch_size": 8}
@@ -201,7 +201,7 @@ def run_sweep(model: str, data: str, work: Path, args: argparse.Namespace) -> di
     --variant); the built pipeline has both variants, so the space's variant choice stays."""
     import yaml
 
-    from tune_sana.results import read_trials
+    from tune_sana.record.readers import read_trials
 
     space = yaml.safe_load(Path(args.space).read_text()) or {}
     searched = set(space.get("space") or {})
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["build_s"] = round(time.perf_counter() - t0, 1)
     images = args.images
     if images is None:
-        from tests.tiny_sana import write_images
+        from tune_sana.testing.tiny_sana import write_images
 
         size = args.resolution or (512 if args.scale == "real" else 16)
         images = str(work / "images")

@@ -34,14 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trials import sana_finetune  # noqa: E402
-from tune_sana import precision as prec  # noqa: E402
 from tune_sana.config import TrialConfig, build_config  # noqa: E402
-from tune_sana.data import load_data  # noqa: E402
-from tune_sana.flow import flow_loss, make_batch  # noqa: E402
-from tune_sana.models import load_transformer  # noqa: E402
-from tune_sana.runtime import Batches, pick_device  # noqa: E402
-from tune_sana.schedule import lr_factor  # noqa: E402
-from tune_sana.validation import FixedValidation  # noqa: E402
+from tune_sana.data.encoded import load_data  # noqa: E402
+from tune_sana.training import precision as prec  # noqa: E402
+from tune_sana.training.flow import flow_loss, make_batch  # noqa: E402
+from tune_sana.training.models import load_transformer  # noqa: E402
+from tune_sana.training.runtime import Batches, pick_device  # noqa: E402
+from tune_sana.training.schedule import lr_factor  # noqa: E402
+from tune_sana.training.validation import FixedValidation  # noqa: E402
 
 Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process)
 

@@ -43,7 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.synthetic import LargeSweep, large_sweep, write_large_parquet  # noqa: E402
+from tune_sana.testing.sweeps import LargeSweep, large_sweep, write_large_parquet  # noqa: E402
 
 RAY_KEYS_HOST = {"pid": 12345, "hostname": "bench-host", "node_ip": "10.0.0.1"}
 
@@ -171,8 +171,8 @@ def main() -> None:
           f" our Parquet {gen['parquet_s']:.1f} s ({parts} history parts), Ray's files "
           f"{gen['ray_files_s']:.1f} s", flush=True)
 
-    from tune_sana.best import best_trial
-    from tune_sana.report import report
+    from tune_sana.analysis.best import best_trial
+    from tune_sana.analysis.report import report
 
     times = []
     for _ in range(args.repeat):

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune_sana.space import optuna_space, parse_spec
+    from tune_sana.engine.space import optuna_space, parse_spec
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     c.say(f"{len(seeds)} seeds x 2 searchers x {args.trials} synthetic trials "

@@ -47,17 +47,17 @@ def bare_trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from tune_sana import precision as prec
-    from tune_sana.attention import use_fp32_linear_attention
     from tune_sana.config import build_config
-    from tune_sana.data import load_data
-    from tune_sana.flow import flow_loss, make_batch
-    from tune_sana.guard import grad_norm
-    from tune_sana.lora import apply_finetune
-    from tune_sana.models import load_transformer
-    from tune_sana.runtime import Batches
-    from tune_sana.schedule import lr_factor
-    from tune_sana.validation import FixedValidation
+    from tune_sana.data.encoded import load_data
+    from tune_sana.training import precision as prec
+    from tune_sana.training.attention import use_fp32_linear_attention
+    from tune_sana.training.flow import flow_loss, make_batch
+    from tune_sana.training.guard import grad_norm
+    from tune_sana.training.lora import apply_finetune
+    from tune_sana.training.models import load_transformer
+    from tune_sana.training.runtime import Batches
+    from tune_sana.training.schedule import lr_factor
+    from tune_sana.training.validation import FixedValidation
 
     cfg = build_config(config, source="bench config")
     device = torch.device("cpu")

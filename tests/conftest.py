@@ -49,7 +49,7 @@ def assert_plain(rows: list[dict[str, Any]]) -> None:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded tiny Sana saved in diffusers format: fp32 weights plus fp16 and bf16 variants."""
-    from tune_sana.models import tiny_model
+    from tune_sana.training.models import tiny_model
 
     folder = tmp_path_factory.mktemp("ckpt") / "tiny"
     tiny_model(seed=3).save_pretrained(folder)  # type: ignore[operator]
@@ -70,7 +70,7 @@ def empty_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture(scope="session")
 def demo_base() -> Path:
     """The tiny pretrained demo base under $TUNE_SANA_HOME, built once (~40 s) if missing."""
-    from tune_sana.pretrain import ensure_demo_base
+    from tune_sana.training.demo_base import ensure_demo_base
 
     return ensure_demo_base()
 

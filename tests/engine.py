@@ -10,7 +10,7 @@ import pyarrow as pa
 import yaml
 
 from tune_sana.cli import main
-from tune_sana.results import read_history, read_trials
+from tune_sana.record.readers import read_history, read_trials
 
 
 def write_space(folder: Path, name: str, spec: dict[str, Any]) -> Path:

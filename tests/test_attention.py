@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers.models.attention_processor import SanaLinearAttnProcessor2_0
 
-from tune_sana.attention import FP32LinearAttnProcessor, use_fp32_linear_attention
-from tune_sana.models import TINY_CONFIG, tiny_model
+from tune_sana.training.attention import FP32LinearAttnProcessor, use_fp32_linear_attention
+from tune_sana.training.models import TINY_CONFIG, tiny_model
 
 
 def _attn() -> Any:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tune_sana.cli import main
-from tune_sana.data import save_encoded, shapes_images
+from tune_sana.data.encoded import save_encoded, shapes_images
 
 GOOD = """\
 trial: sana_finetune
@@ -89,7 +89,7 @@ def _encoded_without_val(tmp: Path) -> Path:
     import torch
 
     images, _ = shapes_images(4)
-    from tune_sana.data import Encoded, demo_encode_images, demo_encode_text
+    from tune_sana.data.encoded import Encoded, demo_encode_images, demo_encode_text
     text, mask = demo_encode_text(["a red square at the center"] * 4)
     return save_encoded(tmp / "enc", Encoded(demo_encode_images(images), text, mask),
                         torch.zeros(4, dtype=torch.bool), {})
@@ -98,7 +98,7 @@ def _encoded_without_val(tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Sana pipeline folder with encoders, so image folders get as far as being scanned."""
-    from tests.tiny_sana import build_tiny_pipeline
+    from tune_sana.testing.tiny_sana import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "pipe")
 

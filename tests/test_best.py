@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.synthetic import SECOND, SMALL, write_small_sweep, write_sweep
-from tune_sana.best import best, best_trial
+from tune_sana.analysis.best import best, best_trial
 from tune_sana.cli import main
 from tune_sana.config import UserError, build_config, read_yaml_mapping
+from tune_sana.testing.sweeps import SECOND, SMALL, write_small_sweep, write_sweep
 
 EXPECTED = {"model": "demo-base", "variant": "bf16", "data": "builtin:shapes", "steps": 100,
             "batch_size": 8, "lr": 3e-4, "warmup_steps": 20, "max_grad_norm": 1.0,

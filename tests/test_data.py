@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tune_sana import data as D
 from tune_sana.config import UserError
+from tune_sana.data import encoded as D
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.tiny_sana import write_images
 from tune_sana.config import UserError
-from tune_sana.datasets import (
+from tune_sana.data.images import (
     EMPTY_CAPTION,
     MISSING_CAPTION,
     MISSING_IMAGE,
@@ -25,6 +24,7 @@ from tune_sana.datasets import (
     load_image,
     scan,
 )
+from tune_sana.testing.tiny_sana import write_images
 
 
 def test_folder_pairs_images_with_sidecar_captions_in_sorted_order(tmp_path: Path) -> None:

@@ -12,19 +12,19 @@ import pytest
 import torch
 
 from tests.conftest import fast_config, run_trial
-from tests.tiny_sana import (
+from tune_sana.cli import main
+from tune_sana.config import UserError
+from tune_sana.data import cache as encode
+from tune_sana.data.encoded import load_encoded
+from tune_sana.data.images import SizePolicy, load_image
+from tune_sana.testing.tiny_sana import (
     LATENT_CHANNELS,
     LATENT_SIZE,
     TEXT_DIM,
     build_tiny_pipeline,
     write_images,
 )
-from tune_sana import encode
-from tune_sana.cli import main
-from tune_sana.config import UserError
-from tune_sana.data import load_encoded
-from tune_sana.datasets import SizePolicy, load_image
-from tune_sana.runtime import Batches
+from tune_sana.training.runtime import Batches
 
 N_IMAGES = 12
 # batch_size >= N: the whole set is one encoder call, so a reference call can match it bit for bit

@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from tests.conftest import run_trial
-from tests.tiny_sana import build_tiny_pipeline, random_encoded, write_images
 from tune_sana.cli import main
 from tune_sana.config import UserError, build_config
-from tune_sana.data import load_data
-from tune_sana.encode import prepare_data
-from tune_sana.export import export, trial_config, trial_row
-from tune_sana.models import load_transformer
-from tune_sana.results import SPEC_FILE, ResultsWriter
-from tune_sana.space import parse_spec
-from tune_sana.validation import FixedValidation
+from tune_sana.data.cache import prepare_data
+from tune_sana.data.encoded import load_data
+from tune_sana.engine.export import export, trial_config, trial_row
+from tune_sana.engine.space import parse_spec
+from tune_sana.record.schema import SPEC_FILE
+from tune_sana.record.writer import ResultsWriter
+from tune_sana.testing.tiny_sana import build_tiny_pipeline, random_encoded, write_images
+from tune_sana.training.models import load_transformer
+from tune_sana.training.validation import FixedValidation
 
 FIXED: dict[str, Any] = {"model": "sana-tiny", "steps": 4, "batch_size": 8, "val_batch_size": 16,
                          "eval_every": 2, "device": "cpu", "loss_spike_factor": None}

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, psutil, time
-from tune_sana.sweep import SweepOptions, init_ray
+from tune_sana.engine.sweep import SweepOptions, init_ray
 init_ray(SweepOptions(num_cpus=1))
 import ray
 @ray.remote
@@ -74,7 +74,7 @@ def test_checkpoints_load_through_safetensors_only(tmp_path: Path) -> None:
     import torch
 
     from tune_sana.config import UserError
-    from tune_sana.models import load_transformer
+    from tune_sana.training.models import load_transformer
 
     (tmp_path / "config.json").write_text('{"_class_name": "SanaTransformer2DModel"}')
     torch.save({"x": torch.zeros(1)}, tmp_path / "diffusion_pytorch_model.bin")

@@ -16,7 +16,7 @@ import pytest
 from tests.engine import last_steps, trials_by_id, write_space
 from trials import sana_finetune
 from tune_sana.config import build_config
-from tune_sana.results import read_history
+from tune_sana.record.readers import read_history
 
 pytestmark = pytest.mark.slow
 

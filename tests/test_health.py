@@ -8,9 +8,10 @@ import pickle
 import torch
 from torch import nn
 
-from tune_sana import diagnose, guard, health
 from tune_sana.config import build_config
-from tune_sana.health import Cause, Finding, Verdict
+from tune_sana.outcomes import Cause, clean
+from tune_sana.training import diagnose, guard, health
+from tune_sana.training.health import Finding, Verdict
 
 NAN, INF = math.nan, math.inf
 
@@ -62,10 +63,9 @@ def test_skip_budget_diverges_on_the_k_plus_first() -> None:
 
 
 def test_clean_turns_nonfinite_into_none() -> None:
-    assert [health.clean(x) for x in (NAN, INF, -INF, None)] == [None, None, None, None]
-    value = health.clean(torch.tensor(0.25).item())
+    assert [clean(x) for x in (NAN, INF, -INF, None)] == [None, None, None, None]
+    value = clean(torch.tensor(0.25).item())
     assert value == 0.25 and type(value) is float
-    assert health.is_finite(None) and not health.is_finite(NAN)
 
 
 def test_checks_pickle() -> None:

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.conftest import fast_config, run_trial
-from tests.tiny_sana import random_encoded
 from tune_sana.config import UserError
-from tune_sana.data import load_data
-from tune_sana.lora import apply_finetune, load_lora, lora_parameters, save_trained
-from tune_sana.models import load_transformer
-from tune_sana.validation import FixedValidation
+from tune_sana.data.encoded import load_data
+from tune_sana.testing.tiny_sana import random_encoded
+from tune_sana.training.lora import apply_finetune, load_lora, lora_parameters, save_trained
+from tune_sana.training.models import load_transformer
+from tune_sana.training.validation import FixedValidation
 
 LORA: dict[str, Any] = {"finetune": "lora", "lora_rank": 2, "lr": 1e-2, "steps": 3,
                         "eval_every": 3}

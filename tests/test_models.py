@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tune_sana.config import UserError
-from tune_sana.models import TINY_CONFIG, load_transformer, resolve_folder, tiny_model
+from tune_sana.data.checkpoints import resolve_folder
+from tune_sana.training.models import TINY_CONFIG, load_transformer, tiny_model
 
 
 def _assert_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor],
@@ -84,7 +85,7 @@ def test_demo_base_not_built_says_how_to_build_it(empty_home: Path) -> None:
 
 
 def test_make_base_rounds_each_variant_from_fp32_once(tmp_path: Path) -> None:
-    from tune_sana.pretrain import make_base
+    from tune_sana.training.demo_base import make_base
 
     folder = make_base(tmp_path / "base", steps=2)
     full = load_transformer(str(folder), variant=None, dtype=torch.float32).state_dict()

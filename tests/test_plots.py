@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.synthetic import (
+from tune_sana.analysis.plots import (
+    FACET_ABOVE,
+    causes_chart,
+    last_finite_val,
+    stability_map,
+    stability_points,
+)
+from tune_sana.analysis.report import load_run, report
+from tune_sana.testing.sweeps import (
     PRECISIONS,
     SECOND,
     SMALL,
@@ -16,14 +24,6 @@ from tests.synthetic import (
     write_small_sweep,
     write_sweep,
 )
-from tune_sana.plots import (
-    FACET_ABOVE,
-    causes_chart,
-    last_finite_val,
-    stability_map,
-    stability_points,
-)
-from tune_sana.report import load_run, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["stability_map.png", "curves.png", "causes.png"]

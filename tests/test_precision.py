@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tune_sana import precision as prec
 from tune_sana.config import Precision, UserError
+from tune_sana.training import precision as prec
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tune_sana.relay import ROWS_KEY, STEPS_KEY, RowRelay, unpack
+from tune_sana.engine.relay import ROWS_KEY, STEPS_KEY, RowRelay, unpack
 
 
 class Clock:

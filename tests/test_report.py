@@ -11,10 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.synthetic import SECOND, SMALL, write_small_sweep, write_sweep
-from tune_sana.cli import main
-from tune_sana.config import UserError
-from tune_sana.report import (
+from tune_sana.analysis.report import (
     build_sections,
     divergence_causes,
     load_run,
@@ -26,6 +23,9 @@ from tune_sana.report import (
     stability,
     varying_columns,
 )
+from tune_sana.cli import main
+from tune_sana.config import UserError
+from tune_sana.testing.sweeps import SECOND, SMALL, write_small_sweep, write_sweep
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,8 @@ def test_bad_run_dir_is_a_user_error(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_report_imports_no_ray(sweep: Path) -> None:
-    code = ("import sys; import tune_sana.best, tune_sana.plots; "
-            "from tune_sana.report import report; report([sys.argv[1]]); "
+    code = ("import sys; import tune_sana.analysis.best, tune_sana.analysis.plots; "
+            "from tune_sana.analysis.report import report; report([sys.argv[1]]); "
             "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules), 'ray'")
     subprocess.run([sys.executable, "-c", code, str(sweep)], check=True)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.engine import trials_by_id, write_space
-from tune_sana.results import FAULT_ENV, read_history
+from tune_sana.record.readers import read_history
+from tune_sana.record.writer import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 

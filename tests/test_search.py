@@ -10,8 +10,13 @@ import optuna
 from optuna.samplers._tpe.sampler import _split_trials
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_sana import space
-from tune_sana.search import DivergenceAwareOptunaSearch, build_searcher, good_trials, tpe_sampler
+from tune_sana.engine import space
+from tune_sana.engine.search import (
+    DivergenceAwareOptunaSearch,
+    build_searcher,
+    good_trials,
+    tpe_sampler,
+)
 
 SPEC = space.parse_spec(
     {"trial": "synthetic", "fixed": {"steps": 5},

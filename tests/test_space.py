@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tune_sana import space
 from tune_sana.config import UserError
+from tune_sana.engine import space
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 

@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 
-from tune_sana.stopping import DivergenceStopper, is_diverged, sanitize
+from tune_sana.engine.stopping import DivergenceStopper, is_diverged, sanitize
 
 
 def test_sanitize_drops_nan_and_marks_divergence() -> None:

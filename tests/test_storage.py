@@ -12,16 +12,10 @@ import pytest
 from tests.engine import run_cli, write_space
 from tune_sana.cli import main
 from tune_sana.config import UserError
-from tune_sana.results import (
-    HISTORY_DIR,
-    SPEC_FILE,
-    TRIALS_FILE,
-    ResultsWriter,
-    read_history,
-    read_metadata,
-    read_trials,
-)
-from tune_sana.storage import Location, is_uri
+from tune_sana.record.readers import read_history, read_metadata, read_trials
+from tune_sana.record.schema import HISTORY_DIR, SPEC_FILE, TRIALS_FILE
+from tune_sana.record.storage import Location, is_uri
+from tune_sana.record.writer import ResultsWriter
 
 
 def _locations(tmp_path: Path) -> list[str]:
@@ -125,7 +119,7 @@ def test_readers_reject_a_uri_that_is_not_a_run(tmp_path: Path) -> None:
 
 
 def test_export_says_it_needs_a_local_run(tmp_path: Path) -> None:
-    from tune_sana.export import export
+    from tune_sana.engine.export import export
 
     with pytest.raises(UserError, match="export reads a local run folder"):
         export(tmp_path.as_uri(), "t1")
@@ -171,7 +165,7 @@ def test_sweep_report_and_resume_with_a_file_uri(
     assert not list(on_disk.rglob("*.tmp"))  # no temp file of an atomic write left behind
 
     # --resume without --name finds the newest run of this space under the URI
-    from tune_sana.sweep import SweepOptions, run_dir_for
+    from tune_sana.engine.sweep import SweepOptions, run_dir_for
 
     assert run_dir_for("remote", SweepOptions(storage=storage, resume=True)) == run
     with pytest.raises(UserError, match="no earlier run"):

@@ -13,7 +13,8 @@ from ray.tune.schedulers import ASHAScheduler
 
 from tests.engine import last_steps, no_nonfinite, run_cli, trials_by_id, write_space
 from trials import synthetic
-from tune_sana.results import SCHEMA_VERSION, read_history, read_metadata, read_trials
+from tune_sana.record.readers import read_history, read_metadata, read_trials
+from tune_sana.record.schema import SCHEMA_VERSION
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from tests.engine import run_cli, trials_by_id, write_space
-from tests.tiny_sana import build_tiny_pipeline, write_images
-from tune_sana import encode
+from tune_sana.data import cache as encode
+from tune_sana.testing.tiny_sana import build_tiny_pipeline, write_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("local_ray")]
 

@@ -18,9 +18,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tests.conftest import assert_plain, fast_config, run_trial
-from tune_sana.data import load_data
-from tune_sana.models import tiny_model
-from tune_sana.validation import FixedValidation
+from tune_sana.data.encoded import load_data
+from tune_sana.training.models import tiny_model
+from tune_sana.training.validation import FixedValidation
 
 Rows = list[dict[str, Any]]
 NAN = float("nan")

@@ -17,19 +17,21 @@ from typing import Any
 
 import torch
 
-from tune_sana import precision as prec
-from tune_sana.attention import use_fp32_linear_attention
-from tune_sana.checkpoint import Checkpointer, TrainState
-from tune_sana.config import Outcome, TrialConfig
-from tune_sana.data import load_data
-from tune_sana.flow import flow_loss, make_batch
-from tune_sana.guard import Guard, grad_norm, param_norm
-from tune_sana.health import Cause, Verdict, clean
-from tune_sana.lora import apply_finetune
-from tune_sana.models import load_transformer
-from tune_sana.runtime import Batches, RunStats, pick_device
-from tune_sana.schedule import lr_factor
-from tune_sana.validation import FixedValidation
+from tune_sana.config import TrialConfig
+from tune_sana.data.encoded import load_data
+from tune_sana.device import pick_device
+from tune_sana.outcomes import Cause, Outcome, clean
+from tune_sana.training import precision as prec
+from tune_sana.training.attention import use_fp32_linear_attention
+from tune_sana.training.checkpoint import Checkpointer, TrainState
+from tune_sana.training.flow import flow_loss, make_batch
+from tune_sana.training.guard import Guard, grad_norm, param_norm
+from tune_sana.training.health import Verdict
+from tune_sana.training.lora import apply_finetune
+from tune_sana.training.models import load_transformer
+from tune_sana.training.runtime import Batches, RunStats
+from tune_sana.training.schedule import lr_factor
+from tune_sana.training.validation import FixedValidation
 
 Report = Callable[[dict[str, Any]], None]
 

@@ -14,15 +14,15 @@ from typing import Any
 
 import yaml
 
-from tune_sana import relay
 from tune_sana.config import UserError, build_config, parse_overrides, read_yaml_mapping
+from tune_sana.engine import relay
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
     from trials import sana_finetune
-    from tune_sana.pretrain import ensure_demo_base
+    from tune_sana.training.demo_base import ensure_demo_base
 
     values = read_yaml_mapping(args.config) if args.config else {}
     values.update(parse_overrides(args.set))
@@ -39,7 +39,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_make_base(args: argparse.Namespace) -> int:
-    from tune_sana.pretrain import make_base
+    from tune_sana.training.demo_base import make_base
 
     folder = make_base(Path(args.out) if args.out else None, steps=args.steps, force=args.force)
     print(folder)
@@ -47,7 +47,7 @@ def cmd_make_base(args: argparse.Namespace) -> int:
 
 
 def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
-    from tune_sana.sweep import SweepOptions
+    from tune_sana.engine.sweep import SweepOptions
 
     for flag, value in (("--progress-every", args.progress_every),
                         ("--report-every", args.report_every)):
@@ -61,7 +61,7 @@ def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
 
 
 def _finish_sweep(run_dir: Path | str) -> int:
-    from tune_sana.results import read_trials
+    from tune_sana.record.readers import read_trials
 
     table = read_trials(run_dir, ["outcome"])
     counts: dict[str, int] = {}
@@ -75,7 +75,7 @@ def _finish_sweep(run_dir: Path | str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tune_sana import space, sweep
+    from tune_sana.engine import space, sweep
 
     spec = space.load(args.space, parse_overrides(args.set))
     name = Path(args.space).stem if args.space else "quickstart"
@@ -84,9 +84,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from tune_sana import space, sweep
-    from tune_sana.results import SPEC_FILE
-    from tune_sana.storage import Location, is_uri
+    from tune_sana.engine import space, sweep
+    from tune_sana.record.schema import SPEC_FILE
+    from tune_sana.record.storage import Location, is_uri
 
     given = args.run_dir if is_uri(args.run_dir) else str(Path(args.run_dir).expanduser().resolve())
     run_dir = Location.of(given)
@@ -108,7 +108,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from tune_sana.report import report
+    from tune_sana.analysis.report import report
 
     print(report(args.run_dirs, top=args.top, plots_dir=args.plots, html_file=args.html),
           end="")
@@ -116,7 +116,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from tune_sana.best import best
+    from tune_sana.analysis.best import best
 
     print(best(args.run_dir, args.format), end="")
     return 0
@@ -124,13 +124,13 @@ def cmd_best(args: argparse.Namespace) -> int:
 
 def _prepared(config: Any) -> Any:
     """The config with an images folder / manifest as ``data`` replaced by its encoded cache."""
-    from tune_sana.encode import prepare_data
+    from tune_sana.data.cache import prepare_data
 
     return config.model_copy(update={"data": prepare_data(config.data, config.model)})
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from tune_sana.encode import build_cache
+    from tune_sana.data.cache import build_cache
 
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "func", "data", "model") and v is not None}
@@ -139,7 +139,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tune_sana.export import export
+    from tune_sana.engine.export import export
 
     print(export(args.run_dir, args.trial, out=args.out, device=args.device, force=args.force))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import enum
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,14 +55,17 @@ class OnNonfinite(str, enum.Enum):
     SKIP = "skip"
 
 
-class Outcome(str, enum.Enum):
-    """How a trial ended."""
+# Model names that are not checkpoint folders: the demo base (built once by ``tune-sana
+# make-base`` under home()) and the freshly initialised tiny preset.
+DEMO_BASE = "demo-base"
+TINY = "sana-tiny"
+PRESETS: tuple[str, ...] = (TINY,)
 
-    RUNNING = "running"
-    COMPLETED = "completed"
-    DIVERGED = "diverged"
-    PRUNED = "pruned"
-    ERROR = "error"
+
+def home() -> Path:
+    """Where built artefacts (the demo base, encoding caches) live: $TUNE_SANA_HOME or
+    ~/.cache/tune-sana."""
+    return Path(os.environ.get("TUNE_SANA_HOME", Path.home() / ".cache" / "tune-sana"))
 
 
 class TrialConfig(BaseModel):
@@ -69,7 +73,7 @@ class TrialConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_enum_values=False, frozen=True)
 
-    model: str = Field("demo-base", description="preset name, hub id or diffusers folder")
+    model: str = Field(DEMO_BASE, description="preset name, hub id or diffusers folder")
     variant: Literal["fp16", "bf16"] | None = Field(
         None, description="checkpoint weight variant to load (diffusers variant=)"
     )

@@ -17,8 +17,9 @@ from typing import Any, Literal
 import pyarrow.compute as pc
 import yaml
 
-from tune_sana.config import Outcome, TrialConfig, UserError, build_config
-from tune_sana.report import CONFIG_NAMES, read_spec, read_trial_columns
+from tune_sana.analysis.report import CONFIG_NAMES, read_spec, read_trial_columns
+from tune_sana.config import TrialConfig, UserError, build_config
+from tune_sana.outcomes import Outcome
 
 
 def best_trial(run_dir: str | os.PathLike[str]) -> tuple[str, float, dict[str, Any]]:

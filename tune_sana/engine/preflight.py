@@ -11,8 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tune_sana.config import TrialConfig, UserError
-from tune_sana.space import TRIAL_CONFIG_TRIALS, SweepSpec
+from tune_sana.config import DEMO_BASE, PRESETS, TrialConfig, UserError
+from tune_sana.data.checkpoints import (
+    TRANSFORMER_WEIGHTS,
+    has_weights,
+    resolve_folder,
+    weights_name,
+)
+from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec
 
 
 def candidates(spec: SweepSpec, key: str) -> list[Any]:
@@ -28,8 +34,7 @@ def check_local(spec: SweepSpec) -> None:
     """Checks that need no Ray: checkpoints, variants, datasets, this machine's devices."""
     if spec.trial not in TRIAL_CONFIG_TRIALS:
         return
-    from tune_sana.models import DEMO_BASE, PRESETS, resolve_folder
-    from tune_sana.pretrain import ensure_demo_base
+    from tune_sana.training.demo_base import ensure_demo_base
 
     variants = candidates(spec, "variant")
     for model in candidates(spec, "model"):
@@ -53,16 +58,14 @@ def _check_checkpoint_folder(model: str, folder: Path, variants: list[Any]) -> N
         raise UserError(f"model '{model}': {folder / 'config.json'} is unreadable or not JSON "
                         f"({type(err).__name__}); re-save the checkpoint") from None
     for variant in variants:
-        suffix = f".{variant}" if variant else ""
-        names = [f"diffusion_pytorch_model{suffix}.safetensors",
-                 f"diffusion_pytorch_model{suffix}.safetensors.index.json"]
-        if not any((folder / n).is_file() for n in names):
-            raise UserError(f"model '{model}': no {names[0]} in {folder}; drop variant "
+        if not has_weights(folder, variant):
+            name = weights_name(TRANSFORMER_WEIGHTS, variant)
+            raise UserError(f"model '{model}': no {name} in {folder}; drop variant "
                             f"'{variant}' from the space or use a checkpoint that has it")
 
 
 def _check_data(data: str) -> None:
-    from tune_sana.data import BUILTIN_PREFIX, load_data
+    from tune_sana.data.encoded import BUILTIN_PREFIX, load_data
 
     if data.startswith(BUILTIN_PREFIX):
         load_data(data)  # unknown built-in names fail here
@@ -78,7 +81,7 @@ def _check_devices(spec: SweepSpec) -> None:
     import torch
 
     from tune_sana.config import Precision
-    from tune_sana.precision import check_supported
+    from tune_sana.training.precision import check_supported
 
     devices = set(candidates(spec, "device"))
     if "cuda" in devices and spec.resources.gpu == 0:

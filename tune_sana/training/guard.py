@@ -7,7 +7,6 @@ the problem was first seen and builds the trial's final row.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -15,9 +14,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from tune_sana import diagnose, health
 from tune_sana.config import OnNonfinite, TrialConfig
-from tune_sana.health import Cause, Finding, Verdict
+from tune_sana.outcomes import Cause, clean
+from tune_sana.training import diagnose, health
+from tune_sana.training.health import Finding, Verdict
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -65,7 +65,7 @@ class Divergence:
             "diverged_step": self.step,
             "nonfinite_at": self.nonfinite_at,
             "nonfinite_module": self.nonfinite_module,
-            "max_abs_activation": health.clean(self.max_abs_activation),
+            "max_abs_activation": clean(self.max_abs_activation),
         }
 
 
@@ -131,7 +131,3 @@ class Guard:
             return Divergence(step, cause, "loss", None, found.max_abs_activation)
         where = "loss_scale" if cause is Cause.LOSS_SCALE_COLLAPSE else "loss"
         return Divergence(step, cause, where, None, None)
-
-
-def finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None

@@ -19,11 +19,12 @@ from typing import Any
 import torch
 
 from tune_sana.config import LrSchedule
-from tune_sana.data import load_data
-from tune_sana.flow import flow_loss, make_batch
-from tune_sana.models import demo_base_path, tiny_model
-from tune_sana.runtime import Batches
-from tune_sana.schedule import lr_factor
+from tune_sana.data.checkpoints import demo_base_path
+from tune_sana.data.encoded import load_data
+from tune_sana.training.flow import flow_loss, make_batch
+from tune_sana.training.models import tiny_model
+from tune_sana.training.runtime import Batches
+from tune_sana.training.schedule import lr_factor
 
 PRETRAIN_STEPS = 1500
 PRETRAIN_LR = 2e-3

@@ -21,11 +21,11 @@ from typing import Any
 
 import yaml
 
-from tune_sana import preflight, relay
 from tune_sana.config import TrialConfig, UserError, build_config
-from tune_sana.results import SPEC_FILE
-from tune_sana.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec
-from tune_sana.storage import Location, is_uri
+from tune_sana.engine import preflight, relay
+from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec
+from tune_sana.record.schema import SPEC_FILE
+from tune_sana.record.storage import Location, is_uri
 
 DEFAULT_STORAGE = "runs"
 
@@ -58,7 +58,7 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpu
     """Runs in a Tune trial: one trial program call, its rows relayed to Ray in batches."""
     from ray import tune
 
-    from tune_sana.stopping import sanitize
+    from tune_sana.engine.stopping import sanitize
 
     values = {**fixed, **config}
     if trial in TRIAL_CONFIG_TRIALS:
@@ -134,14 +134,10 @@ def error_row(err: BaseException, step: int | None) -> dict[str, Any]:
 
 # --- paths ----------------------------------------------------------------------------------
 
-def _is_uri(storage: str) -> bool:
-    return is_uri(storage)
-
-
 def storage_root(storage: str) -> str:
     """An absolute local path (created and checked for writing) or a URI (its folder created;
     pyarrow must understand it)."""
-    if _is_uri(storage):
+    if is_uri(storage):
         root = Location.of(storage)
         try:
             root.create_dir()
@@ -299,9 +295,9 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
-    from tune_sana.recorder import ResultsRecorder
-    from tune_sana.search import build_searcher
-    from tune_sana.stopping import DivergenceStopper
+    from tune_sana.engine.recorder import ResultsRecorder
+    from tune_sana.engine.search import build_searcher
+    from tune_sana.engine.stopping import DivergenceStopper
 
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, fixed=dict(spec.fixed), trial=spec.trial,
@@ -349,7 +345,7 @@ def encode_once(spec: SweepSpec) -> SweepSpec:
     no-op when it is already built), and point the spec at it: trials never encode."""
     if spec.trial not in TRIAL_CONFIG_TRIALS:
         return spec
-    from tune_sana.encode import is_encoded, prepare_data
+    from tune_sana.data.cache import is_encoded, prepare_data
 
     data = spec.fixed.get("data", TrialConfig.model_fields["data"].default)
     if "data" in spec.space:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tune_sana.precision import no_autocast
+from tune_sana.training.precision import no_autocast
 
 
 class FP32LinearAttnProcessor:

@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from tune_sana.relay import unpack
-from tune_sana.results import ResultsWriter
+from tune_sana.engine.relay import unpack
+from tune_sana.record.writer import ResultsWriter
 
 # Keys Ray adds to every result; they are not the trial's metrics.
 _RAY_KEYS = {"config", "trial_id", "experiment_tag", "date", "timestamp", "time_this_iter_s",
@@ -89,8 +89,9 @@ class ResultsRecorder(Callback):
         return self._writer
 
     def _finished_outcomes(self) -> list[str]:
-        from tune_sana.results import TRIALS_FILE, read_trials
-        from tune_sana.storage import Location
+        from tune_sana.record.readers import read_trials
+        from tune_sana.record.schema import TRIALS_FILE
+        from tune_sana.record.storage import Location
 
         if not (Location.of(self.run_dir) / TRIALS_FILE).is_file():
             return []
@@ -188,7 +189,7 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 def _pairing(config: dict[str, Any]) -> str | None:
     """native / crossed / n/a for a trial that never sent its summary (pruned, error)."""
     from tune_sana.config import Precision
-    from tune_sana.precision import pairing
+    from tune_sana.training.precision import pairing
 
     try:
         return pairing(Precision(config["precision"]), config.get("variant"))

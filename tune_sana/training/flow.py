@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from tune_sana.data import Encoded
+from tune_sana.data.encoded import Encoded
 
 NUM_TRAIN_TIMESTEPS = 1000
 

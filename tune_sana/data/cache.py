@@ -34,11 +34,11 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tune_sana.config import UserError, did_you_mean
-from tune_sana.data import BUILTIN_PREFIX, ENCODED_FILE, META_FILE, Encoded, save_encoded
-from tune_sana.datasets import Sample, Scan, SizePolicy, check_images, load_image, scan
-from tune_sana.models import DEMO_BASE, PRESETS, home
-from tune_sana.runtime import pick_device
+from tune_sana.config import DEMO_BASE, PRESETS, UserError, did_you_mean, home
+from tune_sana.data.checkpoints import has_weights, is_local
+from tune_sana.data.encoded import BUILTIN_PREFIX, ENCODED_FILE, META_FILE, Encoded, save_encoded
+from tune_sana.data.images import Sample, Scan, SizePolicy, check_images, load_image, scan
+from tune_sana.device import pick_device
 
 CACHE_VERSION = 1
 COMPONENTS = ("vae", "text_encoder", "tokenizer")
@@ -91,17 +91,13 @@ def cache_options(**values: Any) -> CacheOptions:
 
 # --- what to load ------------------------------------------------------------------------------
 
-def _is_local(model: str) -> bool:
-    return Path(model).expanduser().exists() or model.startswith((".", "/", "~"))
-
-
 def encoder_source(model: str) -> str:
     """The pipeline folder (absolute) or hub id holding vae/, text_encoder/ and tokenizer/."""
     if model in PRESETS or model == DEMO_BASE:
         raise UserError(f"model '{model}' has no image or text encoder; encoding images needs a "
                         "Sana pipeline checkpoint (vae/, text_encoder/, tokenizer/): pass "
                         "--model <folder or hub id>, or use data: builtin:shapes")
-    if not _is_local(model):
+    if not is_local(model):
         return model
     path = Path(model).expanduser().resolve()
     missing = [c for c in COMPONENTS if not (path / c).is_dir()]
@@ -112,21 +108,15 @@ def encoder_source(model: str) -> str:
     return str(path)
 
 
-def _weights(folder: Path, stem: str, variant: str | None) -> bool:
-    infix = f".{variant}" if variant else ""
-    return any((folder / f"{stem}{infix}{ext}").is_file()
-               for ext in (".safetensors", ".safetensors.index.json"))
-
-
 def pick_variant(source: str, wanted: str | None) -> str | None:
     """The weight variant to load the encoders with: ``wanted``, or for a local folder the
     default files, else bf16, else fp16 (whichever both the VAE and Gemma-2 have)."""
-    if wanted is not None or not _is_local(source):
+    if wanted is not None or not is_local(source):
         return wanted
     root = Path(source)
     for variant in (None, "bf16", "fp16"):
-        if (_weights(root / "vae", "diffusion_pytorch_model", variant)
-                and _weights(root / "text_encoder", "model", variant)):
+        if (has_weights(root / "vae", variant)
+                and has_weights(root / "text_encoder", variant, stem="model")):
             return variant
     raise UserError(f"model '{source}': no safetensors weights in vae/ and text_encoder/ "
                     "(looked for the default, bf16 and fp16 variants)")
@@ -136,7 +126,7 @@ def fingerprint(source: str, variant: str | None) -> str:
     """Identity of the encoders: for a folder, its configs and weight-file sizes (not GBs of
     hashing); for a hub id, the id."""
     digest = hashlib.sha256(json.dumps([source, variant]).encode())
-    if _is_local(source):
+    if is_local(source):
         for component in COMPONENTS:
             for file in sorted((Path(source) / component).glob("*")):
                 if not file.is_file():

@@ -10,16 +10,7 @@ import enum
 import math
 from dataclasses import dataclass, field
 
-
-class Cause(str, enum.Enum):
-    """Why a trial diverged."""
-
-    NONFINITE_LOSS = "nonfinite_loss"
-    NONFINITE_GRAD = "nonfinite_grad"
-    NONFINITE_PARAMS = "nonfinite_params"
-    LOSS_SPIKE = "loss_spike"
-    LOSS_SCALE_COLLAPSE = "loss_scale_collapse"
-    NONFINITE_METRIC = "nonfinite_metric"  # seen by the engine's stopper, not by the trial
+from tune_sana.outcomes import Cause
 
 
 class Verdict(str, enum.Enum):
@@ -110,16 +101,3 @@ class SkipBudget:
         self.used += 1
         self.causes.append(cause)
         return Finding(Verdict.SKIP, cause)
-
-
-def is_finite(value: float | None) -> bool:
-    """True for a finite number; None (a metric not computed this step) counts as finite."""
-    return value is None or math.isfinite(value)
-
-
-def clean(value: float | None) -> float | None:
-    """A plain Python float, or None for NaN/inf: what reaches reports and files."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

@@ -12,7 +12,6 @@ All but the fresh preset load through ``SanaTransformer2DModel.from_pretrained``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,8 +19,14 @@ import torch
 from diffusers import SanaTransformer2DModel
 from torch import nn
 
-from tune_sana.config import UserError
-from tune_sana.data import TEXT_DIM
+from tune_sana.config import TINY, UserError
+from tune_sana.data.checkpoints import (
+    TRANSFORMER_WEIGHTS,
+    has_weights,
+    resolve_folder,
+    weights_name,
+)
+from tune_sana.data.encoded import TEXT_DIM
 
 TINY_CONFIG: dict[str, Any] = {
     "in_channels": 12,
@@ -37,17 +42,7 @@ TINY_CONFIG: dict[str, Any] = {
     "sample_size": 8,
     "patch_size": 1,
 }
-PRESETS: dict[str, dict[str, Any]] = {"sana-tiny": TINY_CONFIG}
-DEMO_BASE = "demo-base"
-
-
-def home() -> Path:
-    """Where built artefacts (the demo base) live: $TUNE_SANA_HOME or ~/.cache/tune-sana."""
-    return Path(os.environ.get("TUNE_SANA_HOME", Path.home() / ".cache" / "tune-sana"))
-
-
-def demo_base_path() -> Path:
-    return home() / DEMO_BASE
+PRESETS: dict[str, dict[str, Any]] = {TINY: TINY_CONFIG}
 
 
 def tiny_model(seed: int = 0, config: dict[str, Any] | None = None) -> nn.Module:
@@ -55,38 +50,6 @@ def tiny_model(seed: int = 0, config: dict[str, Any] | None = None) -> nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return cast(nn.Module, SanaTransformer2DModel(**(config or TINY_CONFIG)))
-
-
-def _weights_file(folder: Path, variant: str | None) -> bool:
-    suffix = f".{variant}" if variant else ""
-    names = [f"diffusion_pytorch_model{suffix}.safetensors",
-             f"diffusion_pytorch_model{suffix}.safetensors.index.json"]
-    return any((folder / n).is_file() for n in names)
-
-
-def resolve_folder(model: str) -> tuple[str, str | None]:
-    """(path or hub id, subfolder) for ``from_pretrained``; UserError for a broken local folder."""
-    if model == DEMO_BASE:
-        folder = demo_base_path()
-        if not (folder / "config.json").is_file():
-            raise UserError(
-                f"the demo base checkpoint is not built yet ({folder}); run: tune-sana make-base"
-            )
-        return str(folder), None
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-    if not looks_local:
-        return model, "transformer"  # a hub id: diffusers pipelines keep it in transformer/
-    if not path.is_dir():
-        raise UserError(f"model '{model}': no such folder; give a diffusers Sana checkpoint folder")
-    if (path / "config.json").is_file():
-        return str(path), None
-    if (path / "transformer" / "config.json").is_file():
-        return str(path), "transformer"
-    raise UserError(
-        f"model '{model}': no config.json in it or in transformer/; "
-        "point to a diffusers-format Sana checkpoint (save_pretrained output)"
-    )
 
 
 def load_transformer(
@@ -102,8 +65,8 @@ def load_transformer(
         return nn.Module.to(tiny_model(seed, PRESETS[model]), dtype)
     path, subfolder = resolve_folder(model)
     local = Path(path) / (subfolder or "")
-    if local.is_dir() and not _weights_file(local, variant):
-        wanted = f"diffusion_pytorch_model{'.' + variant if variant else ''}.safetensors"
+    if local.is_dir() and not has_weights(local, variant):
+        wanted = weights_name(TRANSFORMER_WEIGHTS, variant)
         raise UserError(f"model '{model}': no {wanted} in {local}; pick another variant or folder")
     kwargs: dict[str, Any] = {"torch_dtype": dtype, "variant": variant, "use_safetensors": True}
     if subfolder:

@@ -23,15 +23,16 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
-from tune_sana.config import Outcome, UserError
-from tune_sana.report import (
+from tune_sana.analysis.report import (
     FINITE,
     PRECISION_ORDER,
     Run,
     divergence_causes,
     ranking,
 )
-from tune_sana.results import read_history
+from tune_sana.config import UserError
+from tune_sana.outcomes import Outcome
+from tune_sana.record.readers import read_history
 
 MARKERS = {"fp32": "o", "fp16-amp": "s", "bf16-amp": "^", "fp16": "D", "bf16": "v"}
 COLOURS = {"fp32": "#1f77b4", "fp16-amp": "#ff7f0e", "bf16-amp": "#2ca02c", "fp16": "#9467bd",

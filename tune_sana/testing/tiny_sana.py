@@ -80,7 +80,7 @@ def build_tiny_pipeline(folder: Path, seed: int = 0,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = tiny_tokenizer()
-        pipe = SanaPipeline(
+        pipe: Any = SanaPipeline(
             tokenizer=tokenizer, text_encoder=tiny_text_encoder(len(tokenizer)),
             vae=tiny_vae(), transformer=tiny_transformer(),
             scheduler=DPMSolverMultistepScheduler(),
@@ -120,8 +120,8 @@ def write_images(folder: Path, n: int, size: int = RESOLUTION, ext: str = ".png"
 def random_encoded(folder: Path, n: int = 24, n_val: int = 8, seed: int = 0) -> str:
     """A random encoded dataset shaped for the ``sana-tiny`` preset (12 x 8 x 8 latents, 8 x 32
     text), written by save_encoded: instant, where builtin:shapes takes seconds to draw."""
-    from tune_sana.data import TEXT_DIM as DEMO_TEXT_DIM
-    from tune_sana.data import TEXT_LEN, Encoded, save_encoded
+    from tune_sana.data.encoded import TEXT_DIM as DEMO_TEXT_DIM
+    from tune_sana.data.encoded import TEXT_LEN, Encoded, save_encoded
 
     gen = torch.Generator().manual_seed(seed)
     encoded = Encoded(torch.randn(n, 12, 8, 8, generator=gen),

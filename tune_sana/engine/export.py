@@ -30,10 +30,12 @@ from typing import Any
 
 from torch import nn
 
-from tune_sana.config import Outcome, TrialConfig, UserError, build_config
-from tune_sana.lora import save_trained
-from tune_sana.results import SPEC_FILE, read_trials
-from tune_sana.storage import is_uri
+from tune_sana.config import TrialConfig, UserError, build_config
+from tune_sana.outcomes import Outcome
+from tune_sana.record.readers import read_trials
+from tune_sana.record.schema import SPEC_FILE
+from tune_sana.record.storage import is_uri
+from tune_sana.training.lora import save_trained
 
 EXPORT_FILE = "export.json"
 _RTOL = 1e-4  # relative difference of val loss still called "reproduced"
@@ -61,7 +63,7 @@ def trial_config(run_dir: Path, row: dict[str, Any]) -> TrialConfig:
     searched: set[str] = set()
     spec_file = run_dir / SPEC_FILE
     if spec_file.is_file():
-        from tune_sana.space import load
+        from tune_sana.engine.space import load
 
         spec = load(spec_file)
         if spec.trial != "sana_finetune":
@@ -104,8 +106,8 @@ def export(run_dir: str | os.PathLike[str], trial_id: str,
     ``<run dir>/export/<trial id>``); returns the folder. UserError for an unknown or unfinished
     trial, an existing ``out`` without ``force``, or a re-run that does not complete."""
     from trials import sana_finetune
-    from tune_sana.encode import prepare_data
-    from tune_sana.pretrain import ensure_demo_base
+    from tune_sana.data.cache import prepare_data
+    from tune_sana.training.demo_base import ensure_demo_base
 
     if is_uri(run_dir):
         raise UserError(f"{run_dir}: export reads a local run folder; copy the run from its "

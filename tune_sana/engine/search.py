@@ -20,8 +20,8 @@ import optuna
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_sana.space import SweepSpec, optuna_space
-from tune_sana.stopping import is_diverged
+from tune_sana.engine.space import SweepSpec, optuna_space
+from tune_sana.engine.stopping import is_diverged
 
 DIVERGED_ATTR = "diverged"
 GOOD_SHARE = 0.25  # of finished trials, modelled as good by TPE (see good_trials)
@@ -97,7 +97,7 @@ def tpe_sampler(seed: int | None, n_startup_trials: int) -> optuna.samplers.TPES
 def build_searcher(spec: SweepSpec) -> tuple[Searcher, dict[str, Any]]:
     """(search_alg, param_space for the Tuner). Optuna holds its own space; grid and random use
     Ray's variant generator over the param_space."""
-    from tune_sana.space import ray_space
+    from tune_sana.engine.space import ray_space
 
     if spec.search.algorithm == "optuna":
         optuna.logging.set_verbosity(optuna.logging.WARNING)

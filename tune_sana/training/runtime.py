@@ -1,27 +1,18 @@
-"""The plumbing a trial needs around its loop: device choice, batches, and run statistics."""
+"""The plumbing a trial needs around its loop: batches, and run statistics."""
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from tune_sana.config import Outcome, TrialConfig, UserError
-from tune_sana.data import Encoded
-from tune_sana.precision import PrecisionPolicy, pairing
-
-
-def pick_device(choice: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cuda`` without a GPU is a UserError."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' requested but no CUDA GPU is visible; use --set device=cpu")
-    return torch.device(choice)
+from tune_sana.config import TrialConfig, UserError
+from tune_sana.data.encoded import Encoded
+from tune_sana.device import peak_memory_mb
+from tune_sana.outcomes import Outcome
+from tune_sana.training.precision import PrecisionPolicy, pairing
 
 
 class Batches:
@@ -53,14 +44,6 @@ class Batches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gen.set_state(state["gen"])
         self.order, self.pos = state["order"], int(state["pos"])
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or this process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 class RunStats:

@@ -27,17 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from tune_sana.config import Outcome, Precision, TrialConfig, UserError
-from tune_sana.results import (
-    CONFIG_FIELDS,
-    SPEC_FILE,
-    TRIALS_FILE,
-    TRIALS_SCHEMA,
-    read_history,
-    read_metadata,
-    read_trials,
-)
-from tune_sana.storage import Location, is_uri
+from tune_sana.config import Precision, TrialConfig, UserError
+from tune_sana.outcomes import Outcome
+from tune_sana.record.readers import read_history, read_metadata, read_trials
+from tune_sana.record.schema import CONFIG_FIELDS, SPEC_FILE, TRIALS_FILE, TRIALS_SCHEMA
+from tune_sana.record.storage import Location, is_uri
 
 CONFIG_NAMES: tuple[str, ...] = tuple(f.name for f in CONFIG_FIELDS)
 SUMMARY_COLUMNS = ["outcome", "divergence_cause", "diverged_step", "nonfinite_module",
@@ -583,7 +577,7 @@ def report(run_dirs: Sequence[str | os.PathLike[str]], top: int = 10,
     sections = build_sections(runs, top)
     text = render_text(sections)
     if plots_dir is not None or html_file is not None:
-        from tune_sana import plots
+        from tune_sana.analysis import plots
 
         images = plots.render_pngs(runs, top=min(top, 8))
         if plots_dir is not None:

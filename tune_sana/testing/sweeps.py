@@ -22,17 +22,14 @@ import numpy as np
 import pyarrow as pa
 import yaml
 
-from tune_sana.results import (
+from tune_sana.record.schema import (
     HISTORY_DIR,
     HISTORY_SCHEMA,
     SPEC_FILE,
     TRIALS_FILE,
-    ResultsWriter,
     file_metadata,
-    trial_row,
-    trials_table,
-    write_atomic,
 )
+from tune_sana.record.writer import ResultsWriter, trial_row, trials_table, write_atomic
 
 FIXED = {"model": "demo-base", "data": "builtin:shapes", "steps": 100, "batch_size": 8,
          "eval_every": 10, "device": "cpu"}

@@ -8,8 +8,8 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from tune_sana.data import Encoded
-from tune_sana.flow import FlowBatch, flow_loss, make_batch
+from tune_sana.data.encoded import Encoded
+from tune_sana.training.flow import FlowBatch, flow_loss, make_batch
 
 VALIDATION_SEED = 20240101
 

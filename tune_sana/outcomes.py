@@ -1,0 +1,51 @@
+"""The words a trial's result is told in: how it ended, why it diverged, and what a reported
+number may be. Shared by the trial, the engine, the Parquet record and the analysis; imports
+nothing heavier than the standard library.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+
+class Outcome(str, enum.Enum):
+    """How a trial ended (``running``: seen in history, not finished yet)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    DIVERGED = "diverged"
+    PRUNED = "pruned"
+    ERROR = "error"
+
+
+# Outcomes a trial can end with, in report order.
+FINISHED: tuple[str, ...] = tuple(o.value for o in Outcome if o is not Outcome.RUNNING)
+# Outcomes whose best validation loss counts as a setting's result (a diverged trial's early
+# values do not: the setting blew up).
+FINITE: tuple[str, ...] = (Outcome.COMPLETED.value, Outcome.PRUNED.value)
+# Outcomes the trial itself reports in its last row; any other finished trial was stopped by
+# the scheduler while finite (pruned).
+TRIAL_VERDICTS: tuple[str, ...] = (Outcome.COMPLETED.value, Outcome.DIVERGED.value,
+                                   Outcome.ERROR.value)
+
+
+class Cause(str, enum.Enum):
+    """Why a trial diverged."""
+
+    NONFINITE_LOSS = "nonfinite_loss"
+    NONFINITE_GRAD = "nonfinite_grad"
+    NONFINITE_PARAMS = "nonfinite_params"
+    LOSS_SPIKE = "loss_spike"
+    LOSS_SCALE_COLLAPSE = "loss_scale_collapse"
+    # A non-finite number found outside the step's checks: by the engine's sanitizer or
+    # stopper in any trial program's row, or by the trial in its validation loss.
+    NONFINITE_METRIC = "nonfinite_metric"
+
+
+def clean(value: float | None) -> float | None:
+    """A plain Python float, or None for None/NaN/inf: what reaches reports and files."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None

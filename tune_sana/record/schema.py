@@ -1,0 +1,122 @@
+"""The sweep's record on disk, declared once: file names, the two Parquet schemas (versioned)
+and the metadata every file carries.
+
+    <run dir>/sweep.yaml        the resolved spec, exactly as run
+    <run dir>/trials.parquet    one row per finished trial (config columns + outcome + summary)
+    <run dir>/history/*.parquet one row per reported step; a pyarrow dataset
+
+Each file's metadata carries the schema version, library versions, the hardware and the sweep
+spec. NaN never reaches these files: metrics are finite floats or null (``outcomes.clean``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import types
+import typing
+from typing import Any
+
+import pyarrow as pa
+
+from tune_sana.config import TrialConfig
+
+SCHEMA_VERSION = 1
+TRIALS_FILE = "trials.parquet"
+HISTORY_DIR = "history"
+SPEC_FILE = "sweep.yaml"
+
+HISTORY_SCHEMA = pa.schema([
+    pa.field("trial_id", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("train_loss", pa.float64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("grad_norm", pa.float64()),
+    pa.field("lr", pa.float64()),
+    pa.field("loss_scale", pa.float64()),
+    pa.field("skipped", pa.bool_()),
+    pa.field("step_time_s", pa.float64()),
+    pa.field("timestamp", pa.float64()),
+])
+
+# Summary columns of trials.parquet, after the config columns.
+SUMMARY_FIELDS: list[pa.Field] = [
+    pa.field("outcome", pa.string(), nullable=False),
+    pa.field("divergence_cause", pa.string()),
+    pa.field("diverged_step", pa.int64()),
+    pa.field("nonfinite_at", pa.string()),
+    pa.field("nonfinite_module", pa.string()),
+    pa.field("max_abs_activation", pa.float64()),
+    pa.field("best_val_loss", pa.float64()),
+    pa.field("final_val_loss", pa.float64()),
+    pa.field("steps_run", pa.int64()),
+    pa.field("skipped_steps", pa.int64()),
+    pa.field("wall_time_s", pa.float64()),
+    pa.field("steps_per_s", pa.float64()),
+    pa.field("peak_memory_mb", pa.float64()),
+    pa.field("ran_on", pa.string()),
+    pa.field("pairing", pa.string()),
+    pa.field("n_params", pa.int64()),
+    pa.field("error", pa.string()),
+    pa.field("retries", pa.int64()),
+    pa.field("config_json", pa.string()),
+    pa.field("ended_at", pa.float64()),
+]
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    """Arrow type of a TrialConfig field: int64, float64, bool or string (enums, literals)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _arrow_type(args[0])
+    if annotation is bool:
+        return pa.bool_()
+    if annotation is int:
+        return pa.int64()
+    if annotation is float:
+        return pa.float64()
+    return pa.string()
+
+
+CONFIG_FIELDS: list[pa.Field] = [
+    pa.field(name, _arrow_type(info.annotation)) for name, info in TrialConfig.model_fields.items()
+]
+TRIALS_SCHEMA = pa.schema(
+    [pa.field("trial_id", pa.string(), nullable=False), *CONFIG_FIELDS, *SUMMARY_FIELDS]
+)
+CONFIG_NAMES: tuple[str, ...] = tuple(f.name for f in CONFIG_FIELDS)
+
+
+def file_metadata(spec_yaml: str = "") -> dict[bytes, bytes]:
+    """Schema version, library versions, hardware and the sweep's spec, for every file written."""
+    import importlib.metadata as md
+
+    def version(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "absent"
+
+    info = {
+        "tune_sana.schema_version": str(SCHEMA_VERSION),
+        "tune_sana.versions": json.dumps({n: version(n) for n in
+                                          ("tune-sana", "torch", "diffusers", "ray", "optuna",
+                                           "pyarrow")}),
+        "tune_sana.hardware": json.dumps(_hardware()),
+        "tune_sana.spec": spec_yaml,
+    }
+    return {k.encode(): v.encode() for k, v in info.items()}
+
+
+def _hardware() -> dict[str, Any]:
+    hw: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(),
+                          "python": platform.python_version()}
+    torch: Any = sys.modules.get("torch")  # the record never imports torch; a trainer has
+    if torch is not None and torch.cuda.is_available():
+        hw["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return hw
+
+

@@ -1,0 +1,172 @@
+"""Writing the record: every file goes to a dot-named temp file in the same folder and is
+renamed into place, so a reader never sees a torn file, also while the sweep runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from tune_sana.outcomes import clean
+from tune_sana.record.readers import read_history
+from tune_sana.record.schema import (
+    CONFIG_FIELDS,
+    CONFIG_NAMES,
+    HISTORY_DIR,
+    HISTORY_SCHEMA,
+    SUMMARY_FIELDS,
+    TRIALS_FILE,
+    TRIALS_SCHEMA,
+    file_metadata,
+)
+from tune_sana.record.storage import Location
+
+# Fault injection for the crash tests: SIGKILL this process inside the Nth atomic write, after the
+# temp file is written and before it is renamed into place. Unset in normal use.
+FAULT_ENV = "TUNE_SANA_FAULT_KILL_IN_WRITE"
+_writes = [0]
+
+
+def _maybe_die_mid_write() -> None:
+    target = os.environ.get(FAULT_ENV)
+    if target:
+        _writes[0] += 1
+        if _writes[0] == int(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_atomic(table: pa.Table, path: str | os.PathLike[str] | Location) -> None:
+    """Write ``table`` to ``path`` (a local path, a URI or a Location) via a temp file in the
+    same folder, then an atomic rename (``fs.move`` on a URI).
+
+    The temp file's name starts with a dot, so pyarrow datasets and globs for ``*.parquet``
+    never see it; a crash leaves at most such a file, removed on resume.
+    """
+    Location.of(path).write_table_atomic(table, before_commit=_maybe_die_mid_write)
+
+
+def history_table(rows: Sequence[Mapping[str, Any]], meta: dict[bytes, bytes]) -> pa.Table:
+    """Rows (trial_id + per-step metrics) -> a table of HISTORY_SCHEMA; other keys are dropped."""
+    columns: dict[str, list[Any]] = {f.name: [] for f in HISTORY_SCHEMA}
+    for row in rows:
+        for field in HISTORY_SCHEMA:
+            value = row.get(field.name)
+            if pa.types.is_floating(field.type):
+                value = clean(value)
+            columns[field.name].append(value)
+    return pa.table(columns, schema=HISTORY_SCHEMA.with_metadata(meta))
+
+
+def trial_row(
+    trial_id: str, config: Mapping[str, Any], summary: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One trials.parquet row: config keys under their own names, then the summary."""
+    row: dict[str, Any] = {"trial_id": trial_id}
+    for field in CONFIG_FIELDS:
+        value = config.get(field.name)
+        if field.type == pa.string() and value is not None:
+            value = getattr(value, "value", value)
+            value = str(value)
+        row[field.name] = value
+    for field in SUMMARY_FIELDS:
+        row[field.name] = summary.get(field.name)
+    extra = {k: v for k, v in config.items() if k not in CONFIG_NAMES}
+    row["config_json"] = json.dumps(extra, default=str, sort_keys=True) if extra else None
+    if row["ended_at"] is None:
+        row["ended_at"] = time.time()
+    for field in TRIALS_SCHEMA:
+        if pa.types.is_floating(field.type):
+            row[field.name] = clean(row[field.name])
+    return row
+
+
+def trials_table(rows: Iterable[Mapping[str, Any]], meta: dict[bytes, bytes]) -> pa.Table:
+    rows = list(rows)
+    return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA.with_metadata(meta))
+
+
+class ResultsWriter:
+    """Driver-side writer: buffers history rows and flushes them as new part files; keeps the
+    trials table and rewrites it atomically whenever a trial finishes.
+
+    Each (trial, step) is written once, the first time it is reported: a trial retried from a
+    checkpoint, or re-run after a resume, repeats steps that are already on disk, and those
+    repeats are dropped. ``resume=True`` keeps the finished trials already on disk and reads how
+    far each trial's history got. Thread-safe.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], spec_yaml: str = "",
+                 flush_rows: int = 2000, flush_seconds: float = 5.0, resume: bool = False) -> None:
+        self.location = Location.of(run_dir)
+        self.run_dir: Path | str = self.location.public()
+        self._history = self.location / HISTORY_DIR
+        self._history.create_dir()
+        self.meta = file_metadata(spec_yaml)
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
+        self._buffer: list[dict[str, Any]] = []
+        self._last_flush = time.monotonic()
+        self._lock = threading.Lock()
+        self._trials: dict[str, dict[str, Any]] = {}
+        # Trials finished before a resume: their rows and history stay exactly as written.
+        self.resumed: frozenset[str] = frozenset()
+        if resume and (self.location / TRIALS_FILE).is_file():
+            for row in (self.location / TRIALS_FILE).read_table().to_pylist():
+                self._trials[row["trial_id"]] = row
+            self.resumed = frozenset(self._trials)
+        self._last_step: dict[str, int] = {}
+        if resume:
+            self._remove_temp_files()
+            done = read_history(self.location, ["trial_id", "step"]).group_by("trial_id").aggregate(
+                [("step", "max")])
+            self._last_step = dict(zip(done["trial_id"].to_pylist(),
+                                       done["step_max"].to_pylist(), strict=True))
+
+    def _remove_temp_files(self) -> None:
+        """Temp files of writes that a crash cut short (never visible to readers: dot-names)."""
+        for folder in (self.location, self._history):
+            for tmp in folder.entries(prefix=".", suffix=".tmp", dirs=False, hidden=True):
+                tmp.delete()
+
+    def add_step(self, trial_id: str, metrics: Mapping[str, Any]) -> None:
+        row = {**metrics, "trial_id": trial_id}
+        row.setdefault("timestamp", time.time())
+        step = row.get("step")
+        with self._lock:
+            if isinstance(step, int):
+                if step <= self._last_step.get(trial_id, -1):
+                    return  # a repeat after a retry or resume: the first write stands
+                self._last_step[trial_id] = step
+            self._buffer.append(row)
+            due = (len(self._buffer) >= self.flush_rows
+                   or time.monotonic() - self._last_flush >= self.flush_seconds)
+        if due:
+            self.flush()
+
+    def finish_trial(self, trial_id: str, config: Mapping[str, Any],
+                     summary: Mapping[str, Any]) -> None:
+        """Record a trial's final row; flushes its history first so both agree on disk."""
+        self.flush()
+        with self._lock:
+            self._trials[trial_id] = trial_row(trial_id, config, summary)
+            table = trials_table(self._trials.values(), self.meta)
+            write_atomic(table, self.location / TRIALS_FILE)
+
+    def flush(self) -> None:
+        with self._lock:
+            rows, self._buffer = self._buffer, []
+            self._last_flush = time.monotonic()
+            if not rows:
+                return
+            name = f"part-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.parquet"
+            write_atomic(history_table(rows, self.meta), self._history / name)
+
+
