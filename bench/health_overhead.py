@@ -2,19 +2,19 @@
 
     TUNE_SANA_HOME=/tmp/tshome .venv/bin/python bench/health_overhead.py [--steps 200] [--rounds 5]
 
-Both sides train the same model on the same data with the same seed, batches, noise, optimizer,
-lr schedule and clipping, and evaluate the fixed validation loss once at the end (so their final
-validation losses must be equal: it is checked and printed). The trial (trials/sana_finetune.py)
-runs every check (loss and grad-norm finiteness before the step, parameter norm after it, spike
-detector, loss-scale floor under fp16-amp), builds and reports a row per step (to a list). The bare
-loop is forward, backward, clip, AdamW step, scheduler step: no checks, no host sync.
+Both sides build their parts with the trial's own ``setup`` (trials/sana_finetune.py): the same
+model, data, seed, batches, noise, optimizer, lr schedule and scaler; both clip, and evaluate the
+fixed validation loss once at the end (so their final validation losses must be equal: it is
+checked and printed). The trial's ``train`` runs every check (loss and grad-norm finiteness before
+the step, parameter norm after it, spike detector, loss-scale floor under fp16-amp), builds and
+reports a row per step (to a list). The bare loop is forward, backward, clip, AdamW step,
+scheduler step: no checks, no host sync (but GradScaler.step's own, under fp16-amp).
 
-Each side is timed from the moment its model is ready (the trial's ``on_model`` seam; the same
-point in the bare loop) to the end of its final validation, so data loading and model building are
-left out of both. Rounds alternate which side goes first; the medians are compared (wall clock as
-``ratio``; this process's CPU time as ``cpu_ratio``, less sensitive to other processes on a shared
-machine; ``min_ratio`` compares the least-disturbed runs). The last line printed is one JSON
-object.
+Each side is timed from the moment its model is ready (setup's ``on_model`` seam, on both sides)
+to the end of its final validation, so data loading and model building are left out of both.
+Rounds alternate which side goes first; the medians are compared (wall clock as ``ratio``; this
+process's CPU time as ``cpu_ratio``, less sensitive to other processes on a shared machine;
+``min_ratio`` compares the least-disturbed runs). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -35,13 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trials import sana_finetune  # noqa: E402
 from tune_sana.config import TrialConfig, build_config  # noqa: E402
-from tune_sana.data.encoded import load_data  # noqa: E402
-from tune_sana.training import precision as prec  # noqa: E402
-from tune_sana.training.flow import flow_loss, make_batch  # noqa: E402
-from tune_sana.training.models import load_transformer  # noqa: E402
-from tune_sana.training.runtime import Batches, pick_device  # noqa: E402
-from tune_sana.training.schedule import lr_factor  # noqa: E402
-from tune_sana.training.validation import FixedValidation  # noqa: E402
+from tune_sana.outcomes import Outcome  # noqa: E402
 
 Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process)
 
@@ -61,46 +55,28 @@ def time_trial(config: TrialConfig) -> tuple[Timing, float | None, int]:
     ready: list[Timing] = []
     summary = sana_finetune.run(config, rows.append, on_model=lambda _m: ready.append(_clock()))
     elapsed = _since(ready[0])
-    if summary["outcome"] != "completed":
+    if summary["outcome"] != Outcome.COMPLETED.value:
         raise SystemExit(f"the benchmark trial did not complete: {summary['outcome']}")
     return elapsed, summary["final_val_loss"], len(rows)
 
 
 def time_bare(config: TrialConfig) -> tuple[Timing, float]:
-    """The same training with no checks and no per-step host sync."""
-    device = pick_device(config.device)
-    policy = prec.policy_for(config.precision)
-    torch.manual_seed(config.seed)
-    data = load_data(config.data)
-    model = load_transformer(config.model, variant=config.variant, dtype=policy.weight_dtype,
-                             seed=config.seed).to(device)
-    model.train()
-    started = _clock()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(config.lr_schedule, config.warmup_steps, config.steps))
-    scaler = prec.grad_scaler(policy, device)
-    validate = FixedValidation(data.val, config.val_batch_size, config.logit_mean,
-                               config.logit_std, config.flow_shift, device)
-    batches = Batches(data.train, config.batch_size, seed=config.seed)
-    noise_gen = torch.Generator().manual_seed(config.seed)
+    """The same training with no checks and no per-step host sync: the trial's own setup (the
+    same model, data, optimizer, scheduler, scaler, batches and noise), then a bare loop."""
+    ready: list[Timing] = []
+    parts = sana_finetune.setup(config, on_model=lambda _m: ready.append(_clock()))
     assert config.max_grad_norm is not None
     for _ in range(config.steps):
-        batch = make_batch(batches.next(), noise_gen, config.logit_mean, config.logit_std,
-                           config.flow_shift).to(device)
-        with prec.autocast(policy, device):
-            loss = flow_loss(model, batch, policy.weight_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-    val = validate(model, policy.weight_dtype, prec.autocast(policy, device))
-    return _since(started), val
+        loss = parts.loss(parts.next_batch())
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        parts.scaler.unscale_(parts.optimizer)
+        torch.nn.utils.clip_grad_norm_(parts.params, config.max_grad_norm, foreach=True)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.scheduler.step()
+    val = parts.validation()
+    return _since(ready[0]), val
 
 
 def main() -> None:

@@ -8,9 +8,10 @@ diverge for real, fp32 and bf16 autocast train) runs twice on one local Ray, sam
 same ASHA (on val_loss, grace --grace, reduction factor 3), one CPU per trial:
 
   plain:     what a user writes with Ray Tune alone: Tuner + grid search + ASHAScheduler, and a
-             bare training loop built from the same tune_sana blocks (model, data, flow loss,
-             batches, precision policy, AdamW, clipping) that reports train_loss, grad_norm and
-             val_loss each step as it computes them, NaN included: no health checks.
+             bare training loop over the trial's own setup (sana_finetune.setup: model, data,
+             batches, noise, precision policy, AdamW, schedule; the flow loss, the same clipping)
+             that reports train_loss, grad_norm and val_loss each step as it computes them, NaN
+             included: no health checks.
   tune-sana: tune_sana.sweep.run with the same grid, ASHA and resources (trials/sana_finetune.py
              with its health checks, the engine's stopper and divergence-aware record).
 
@@ -38,65 +39,41 @@ from typing import Any
 
 import _common as c
 
-NONFINITE_CAUSES = {"nonfinite_loss", "nonfinite_grad", "nonfinite_params", "nonfinite_metric"}
+from tune_sana.outcomes import Cause, Outcome
+
+NONFINITE_CAUSES = {cause.value for cause in (Cause.NONFINITE_LOSS, Cause.NONFINITE_GRAD,
+                                               Cause.NONFINITE_PARAMS, Cause.NONFINITE_METRIC)}
+DIVERGED = Outcome.DIVERGED.value
 KEYS = ("precision", "lr")
 
 
 def bare_trainable(config: dict[str, Any]) -> None:
-    """A plain training loop under Ray Tune: reports what it computes each step, checks nothing."""
-    import torch
+    """A plain training loop under Ray Tune: reports what it computes each step, checks nothing.
+
+    Its parts (model, data, optimizer, schedule, scaler, batches, noise) are the trial's own
+    setup's, so both sides follow one trajectory; the loop is a user's, without the trial's.
+    """
     from ray import tune
 
+    from trials import sana_finetune
     from tune_sana.config import build_config
-    from tune_sana.data.encoded import load_data
-    from tune_sana.training import precision as prec
-    from tune_sana.training.attention import use_fp32_linear_attention
-    from tune_sana.training.flow import flow_loss, make_batch
     from tune_sana.training.guard import grad_norm
-    from tune_sana.training.lora import apply_finetune
-    from tune_sana.training.models import load_transformer
-    from tune_sana.training.runtime import Batches
-    from tune_sana.training.schedule import lr_factor
-    from tune_sana.training.validation import FixedValidation
 
     cfg = build_config(config, source="bench config")
-    device = torch.device("cpu")
-    torch.set_num_threads(cfg.threads or 1)
-    policy = prec.policy_for(cfg.precision)
-    torch.manual_seed(cfg.seed)
-    data = load_data(cfg.data)
-    model = load_transformer(cfg.model, variant=cfg.variant, dtype=policy.weight_dtype,
-                             seed=cfg.seed).to(device)
-    model = apply_finetune(model, cfg, policy.weight_dtype)
-    if cfg.attention_fp32:
-        use_fp32_linear_attention(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(cfg.lr_schedule, cfg.warmup_steps, cfg.steps))
-    scaler = prec.grad_scaler(policy, device)
-    validate = FixedValidation(data.val, cfg.val_batch_size, cfg.logit_mean, cfg.logit_std,
-                               cfg.flow_shift, device)
-    batches = Batches(data.train, cfg.batch_size, seed=cfg.seed)
-    noise_gen = torch.Generator().manual_seed(cfg.seed)
+    parts = sana_finetune.setup(cfg)
     for step in range(cfg.steps):
-        batch = make_batch(batches.next(), noise_gen, cfg.logit_mean, cfg.logit_std,
-                           cfg.flow_shift).to(device)
-        with prec.autocast(policy, device):
-            loss = flow_loss(model, batch, policy.weight_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        gnorm = grad_norm(params, cfg.max_grad_norm)  # the trial's clip: same trajectory
-        scaler.step(optimizer)  # a disabled scaler just calls optimizer.step()
-        scaler.update()
-        scheduler.step()
+        loss = parts.loss(parts.next_batch())
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
+        parts.scaler.unscale_(parts.optimizer)
+        gnorm = grad_norm(parts.params, cfg.max_grad_norm)  # the trial's clip: same trajectory
+        parts.scaler.step(parts.optimizer)  # a disabled scaler just calls optimizer.step()
+        parts.scaler.update()
+        parts.scheduler.step()
         row: dict[str, Any] = {"step": step, "train_loss": float(loss),
                                "grad_norm": float(gnorm)}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            row["val_loss"] = validate(model, policy.weight_dtype, prec.autocast(policy, device))
+            row["val_loss"] = parts.validation()
         tune.report(row)
 
 
@@ -171,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         key = c.config_key(trow, KEYS)
         prows = plain_rows.get(plain_by_cfg.get(key, ""), [])
         p_onset = plain_onset(prows, str(trow["precision"]))
-        o_onset = (int(trow["diverged_step"]) if trow["outcome"] == "diverged"
+        o_onset = (int(trow["diverged_step"]) if trow["outcome"] == DIVERGED
                    and trow["divergence_cause"] in NONFINITE_CAUSES else None)
         onsets = [x for x in (p_onset, o_onset) if x is not None]
         onset = min(onsets) if onsets else None
@@ -187,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "tune_sana_outcome": trow["outcome"], "cause": trow["divergence_cause"],
             "plain_final_val": c.rounded(p_vals[-1]) if p_vals else None,
             "tune_sana_final_val": c.rounded(trow["final_val_loss"]),
-            "stopped_while_finite": trow["outcome"] == "diverged" and onset is None,
+            "stopped_while_finite": trow["outcome"] == DIVERGED and onset is None,
             # a non-finite step the plain run came back from (GradScaler skipped it)
             "plain_recovered": p_onset is not None and bool(p_vals)
             and not c.nonfinite(p_vals[-1]) and p_last + 1 == args.steps,

@@ -16,6 +16,7 @@ from tune_sana.data.encoded import save_encoded, shapes_images
 GOOD = """\
 trial: sana_finetune
 search: {algorithm: random, num_samples: 2}
+scheduler: {type: fifo}
 fixed: {steps: 5, model: sana-tiny, device: cpu}
 space:
   lr: {loguniform: [1.0e-5, 1.0e-2]}
@@ -32,6 +33,17 @@ def _replace(old: str, new: str) -> Callable[[Path], list[str]]:
     def args(tmp: Path) -> list[str]:
         assert old in GOOD
         return ["sweep", _space(tmp, GOOD.replace(old, new))]
+    return args
+
+
+_LR = "  lr: {loguniform: [1.0e-5, 1.0e-2]}\n"
+
+
+def _searched(line: str) -> Callable[[Path], list[str]]:
+    """GOOD searching ``line`` instead of lr (and ``steps`` no longer fixed)."""
+    def args(tmp: Path) -> list[str]:
+        text = GOOD.replace("steps: 5, ", "").replace(_LR, f"  {line}\n")
+        return ["sweep", _space(tmp, text)]
     return args
 
 
@@ -194,6 +206,35 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
         lambda t: ["trial", "--config", _space(t, "lr: [1e-3\n")], "malformed YAML"),
     "trial: cuda without a GPU": (
         lambda t: ["trial", "--set", "device=cuda", "--set", "model=sana-tiny"], "no CUDA GPU"),
+    # Nothing to search: one line before Ray starts, naming the file and the fix.
+    "empty space file": (lambda t: ["sweep", _space(t, "")], "space.yaml: nothing to search"),
+    "space file of comments only": (lambda t: ["sweep", _space(t, "# to do\n")],
+                                    "add a key under space:"),
+    "no space with another trial": (lambda t: ["sweep", _space(t, "trial: synthetic\n")],
+                                    "nothing to search"),
+    "no space with algorithm random": (_replace(_LR, ""), "tune-sana trial"),
+    "--set fixes the only searched key": (
+        lambda t: ["sweep", _space(t, GOOD), "--set", "lr=1e-3"], "--set lr fixed"),
+    # Every dimension against its key's type, both bounds.
+    "float range on an integer key": (_searched("steps: {uniform: [100, 200]}"),
+                                      "use int: [100, 200]"),
+    "log range on an integer key": (_searched("batch_size: {loguniform: [2, 64]}"),
+                                    "use int: [2, 64], log: true"),
+    "range on a text key": (_searched("precision: {uniform: [0, 1]}"), "use choice"),
+    "int range on a bool key": (_searched("attention_fp32: {int: [0, 1]}"),
+                                "use choice: [false, true]"),
+    "high bound out of range": (_searched("adam_beta2: {uniform: [0.9, 1.5]}"),
+                                "key 'adam_beta2' = 1.5"),
+    "int high bound out of range": (_searched("adam_beta1: {int: [0, 1]}"),
+                                    "key 'adam_beta1' = 1"),
+    "numbers as choices on a bool key": (_searched("attention_fp32: {choice: [0, 1]}"),
+                                         "0 is not true or false"),
+    "floats as choices on an integer key": (_searched("warmup_steps: {grid: [0.0, 10.0]}"),
+                                            "0.0 is not an integer"),
+    "bool as a choice on a float key": (_searched("max_grad_norm: {choice: [null, true]}"),
+                                        "True is not a number"),
+    "grace period beyond the steps": (_replace("type: fifo", "type: asha, grace_period: 10"),
+                                      "scheduler.grace_period 10 is more than the 5 steps"),
 }
 
 

@@ -109,12 +109,25 @@ def test_fp16_norms_do_not_overflow() -> None:
 
 def test_guard_spends_the_skip_budget_then_diverges() -> None:
     config = build_config({"on_nonfinite": "skip", "max_skips": 1})
-    g = guard.Guard(config, scaler_enabled=False)
+    g = guard.Guard(config, loss_scale=None)
     nan, one = torch.tensor(NAN), torch.tensor(1.0)
     assert g.before_step(nan, one)[0] == Finding(Verdict.SKIP, Cause.NONFINITE_LOSS)
     finding, loss, gnorm = g.before_step(one, nan)
     assert finding == Finding(Verdict.DIVERGED, Cause.NONFINITE_GRAD) and gnorm != gnorm
     assert loss == 1.0 and g.skipped_steps == 1
+
+
+def test_guard_after_step_reads_norm_and_scale_together_and_sees_a_back_off() -> None:
+    g = guard.Guard(build_config({"min_loss_scale": 1000.0}), loss_scale=4096.0)
+    one = torch.tensor(1.0)
+    assert g.after_step(one, torch.tensor(4096.0)) == (health.OK, False)
+    assert g.after_step(one, torch.tensor(2048.0)) == (health.OK, True)  # halved: skipped
+    assert g.loss_scale == 2048.0 and g.after_step(one, torch.tensor(4096.0))[1] is False
+    assert g.after_step(one, torch.tensor(512.0)) == (
+        Finding(Verdict.DIVERGED, Cause.LOSS_SCALE_COLLAPSE), True)
+    assert g.after_step(torch.tensor(NAN), torch.tensor(512.0))[0].cause is Cause.NONFINITE_PARAMS
+    no_scaler = guard.Guard(build_config({}), loss_scale=None)
+    assert no_scaler.after_step(one, None) == (health.OK, False)
 
 
 # --- where a divergence is first seen (diagnose) -----------------------------------------------

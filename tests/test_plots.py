@@ -13,7 +13,8 @@ from tune_sana.analysis.plots import (
     stability_map,
     stability_points,
 )
-from tune_sana.analysis.report import load_run, report
+from tune_sana.analysis.report import report
+from tune_sana.analysis.runs import load_run
 from tune_sana.testing.sweeps import (
     PRECISIONS,
     SECOND,

@@ -11,14 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tune_sana.analysis.report import (
+from tune_sana.analysis.render import render_text
+from tune_sana.analysis.report import report
+from tune_sana.analysis.runs import load_run, load_runs
+from tune_sana.analysis.tables import (
     build_sections,
     divergence_causes,
-    load_run,
-    load_runs,
     ranking,
-    render_text,
-    report,
     side_by_side,
     stability,
     varying_columns,

@@ -94,3 +94,78 @@ def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
         space.load(bad)
     with pytest.raises(UserError, match="no such space file"):
         space.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("algorithm", ["optuna", "random", "grid"])
+@pytest.mark.parametrize("trial", ["sana_finetune", "synthetic"])
+def test_a_space_with_nothing_to_search_is_an_error(algorithm: str, trial: str) -> None:
+    for searched in ({}, None):
+        raw = {"trial": trial, "search": {"algorithm": algorithm}, "fixed": {"steps": 10},
+               "space": searched}
+        with pytest.raises(UserError, match=r"^my.yaml: nothing to search: no key under "
+                                            r"space:; add a key under space:"):
+            space.parse_spec(raw, source="my.yaml")
+
+
+def test_nothing_to_search_after_set_names_the_set(tmp_path: Path) -> None:
+    file = tmp_path / "one.yaml"
+    file.write_text("space: {lr: {loguniform: [1.0e-5, 1.0e-2]}}\n")
+    with pytest.raises(UserError) as err:
+        space.load(file, {"lr": 1e-3})
+    assert str(err.value).startswith(f"{file}: nothing to search: --set lr fixed the only "
+                                     "searched key")
+    assert "tune-sana trial" in str(err.value)
+
+
+def test_one_value_is_still_a_search_of_one_configuration() -> None:
+    spec = space.parse_spec(_raw(space={"seed": {"grid": [0]}}, search={"algorithm": "grid"}),
+                            "x.yaml")
+    assert spec.space["seed"].values() == [0]
+
+
+@pytest.mark.parametrize(
+    ("searched", "needle"),
+    [
+        ({"steps": {"uniform": [100, 200]}},
+         "space.steps: uniform draws floats but 'steps' is an integer; use int: [100, 200]"),
+        ({"warmup_steps": {"loguniform": [1, 50]}}, "use int: [1, 50], log: true"),
+        ({"seed": {"uniform": [0.5, 3.5]}}, "use int: [low, high]"),
+        ({"checkpoint_every": {"uniform": [5, 10]}}, "'checkpoint_every' is an integer"),
+        ({"precision": {"loguniform": [1, 2]}}, "'precision' is not a number; use choice"),
+        ({"attention_fp32": {"int": [0, 1]}}, "is true or false; use choice: [false, true]"),
+        ({"model": {"int": [0, 1]}}, "'model' is not a number; use choice"),
+        ({"adam_beta2": {"uniform": [0.9, 1.5]}}, "key 'adam_beta2' = 1.5"),
+        ({"lora_rank": {"int": [1, 2]}, "adam_beta1": {"int": [0, 1]}},
+         "space.adam_beta1: key 'adam_beta1' = 1"),
+        ({"attention_fp32": {"choice": [False, 1]}},
+         "space.attention_fp32: 1 is not true or false"),
+        ({"attention_fp32": {"grid": ["yes"]}}, "'yes' is not true or false"),
+        ({"warmup_steps": {"choice": [0, 10.0]}}, "space.warmup_steps: 10.0 is not an integer"),
+        ({"batch_size": {"choice": [True]}}, "True is not an integer"),
+        ({"lr": {"choice": [1e-3, False]}}, "space.lr: False is not a number"),
+        ({"max_grad_norm": {"choice": [None, "1.0"]}}, "'1.0' is not a number"),
+    ],
+)
+def test_every_dimension_is_checked_against_its_keys_type(searched: dict[str, object],
+                                                          needle: str) -> None:
+    raw = {"fixed": {"steps": 10}, "space": searched,
+           "search": {"algorithm": "random"}}
+    if "steps" in searched:
+        raw["fixed"] = {}
+    with pytest.raises(UserError) as err:
+        space.parse_spec(raw, source="my.yaml")
+    message = str(err.value)
+    assert message.startswith("my.yaml: ") and needle in message and "\n" not in message
+
+
+def test_well_typed_dimensions_pass() -> None:
+    spec = space.parse_spec({"fixed": {"steps": 10}, "search": {"algorithm": "random"}, "space": {
+        "lr": {"int": [1, 2]},  # int on a float key: fine
+        "max_grad_norm": {"choice": [None, 1, 0.5]},
+        "attention_fp32": {"choice": [False, True]},
+        "warmup_steps": {"int": [0, 5]},
+        "seed": {"grid": [0, 1]},
+        "precision": {"choice": ["fp32", "bf16-amp"]},
+    }}, "x.yaml")
+    assert set(spec.space) == {"lr", "max_grad_norm", "attention_fp32", "warmup_steps", "seed",
+                               "precision"}

@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from tests.conftest import assert_plain, fast_config, run_trial
 from tune_sana.data.encoded import load_data
+from tune_sana.training.checkpoint import LocalCheckpointer
 from tune_sana.training.models import tiny_model
 from tune_sana.training.validation import FixedValidation
 
@@ -251,3 +252,48 @@ def test_fp16_amp_overflow_skips_then_loss_scale_collapses() -> None:
     _assert_diverged(rows, summary, 2, "loss_scale_collapse", "loss_scale", None)
     assert [row["loss_scale"] for row in rows] == [32768.0, 16384.0, 8192.0]
     assert [row["skipped"] for row in rows[:2]] == [True, True]
+
+
+# --- checkpoint and resume --------------------------------------------------------------------
+
+class _Killed(Exception):
+    pass
+
+
+TIMING = {"step_time_s", "wall_time_s", "steps_per_s", "peak_memory_mb"}
+
+
+def test_resumed_trial_goes_on_as_if_never_stopped(tmp_path: Path) -> None:
+    # fp16-amp with an overflow at step 1 (skipped, scale halved): the checkpoint after step 3
+    # must carry the scaler, the guard and the stats, so that the resumed steps 4-5 match an
+    # uninterrupted run's, loss scale and skip flags included.
+    config = fast_config(precision="fp16-amp", steps=6, eval_every=2, checkpoint_every=2)
+    from trials import sana_finetune
+
+    def overflow_at_1(rows: Rows) -> Callable[[nn.Module], None]:
+        return _corrupt_grad_at(rows, "proj_out.weight", {1}, math.inf)
+
+    reference: Rows = []
+    sana_finetune.run(config, reference.append, on_model=overflow_at_1(reference))
+
+    rows: Rows = []
+
+    def killed_at_4(row: dict[str, Any]) -> None:
+        if row["step"] == 4:
+            raise _Killed
+        rows.append(row)
+
+    checkpointer = LocalCheckpointer(tmp_path / "ckpt")
+    with pytest.raises(_Killed):
+        sana_finetune.run(config, killed_at_4, on_model=overflow_at_1(rows),
+                          checkpoint=checkpointer)
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]
+    summary = sana_finetune.run(config, rows.append, on_model=overflow_at_1(rows),
+                                checkpoint=checkpointer)
+    _assert_completed(rows, summary, 6)
+    assert [row["loss_scale"] for row in rows] == [65536.0] + [32768.0] * 5
+    assert [row["skipped"] for row in rows] == [False, True, False, False, False, False]
+    assert summary["skipped_steps"] == 1
+    for got, want in zip(rows, reference, strict=True):
+        assert {k: v for k, v in got.items() if k not in TIMING} == {
+            k: v for k, v in want.items() if k not in TIMING}

@@ -2,10 +2,12 @@
 
     tune-sana trial --set precision=fp16-amp --set lr=1e-3
 
-Takes a validated TrialConfig and a ``report(row)`` callable; never imports Ray. Every step it
-reports plain floats (or None): step, train_loss, grad_norm (before clipping), lr, loss_scale,
-skipped, step_time_s, val_loss (on evaluation steps). It checks health before and after each
-optimizer step; the step a trial diverges is its last, and its row says why and where.
+Takes a validated TrialConfig and a ``report(row)`` callable; never imports Ray. ``setup`` builds
+the parts (model, data, optimizer, checks), ``train`` runs the loop over them; ``run`` is both.
+Every step it reports plain floats (or None): step, train_loss, grad_norm (before clipping), lr,
+loss_scale, skipped, step_time_s, val_loss (on evaluation steps). It checks health before and
+after each optimizer step, with one host sync each; the step a trial diverges is its last, and
+its row says why and where.
 """
 
 from __future__ import annotations
@@ -13,39 +15,93 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from tune_sana.config import TrialConfig
-from tune_sana.data.encoded import load_data
+from tune_sana.data.encoded import DataSplit, load_data
 from tune_sana.device import pick_device
 from tune_sana.outcomes import Cause, Outcome, clean
 from tune_sana.training import precision as prec
 from tune_sana.training.attention import use_fp32_linear_attention
 from tune_sana.training.checkpoint import Checkpointer, TrainState
-from tune_sana.training.flow import flow_loss, make_batch
+from tune_sana.training.flow import FlowBatch, flow_loss, make_batch
 from tune_sana.training.guard import Guard, grad_norm, param_norm
 from tune_sana.training.health import Verdict
 from tune_sana.training.lora import apply_finetune
 from tune_sana.training.models import load_transformer
+from tune_sana.training.optimizer import adamw
 from tune_sana.training.runtime import Batches, RunStats
-from tune_sana.training.schedule import lr_factor
+from tune_sana.training.schedule import lr_scheduler
 from tune_sana.training.validation import FixedValidation
 
 Report = Callable[[dict[str, Any]], None]
 
 
+@dataclass
+class Parts:
+    """What ``setup`` builds and ``train`` runs. Benchmarks run their own loops over it."""
+
+    config: TrialConfig
+    device: torch.device
+    policy: prec.PrecisionPolicy
+    data: DataSplit
+    model: nn.Module  # precision and attention applied, in train mode
+    params: list[nn.Parameter]  # the trainable ones
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler  # a pass-through except under fp16-amp
+    guard: Guard
+    validate: FixedValidation
+    batches: Batches
+    noise_gen: torch.Generator
+    stats: RunStats
+
+    @property
+    def state(self) -> TrainState:
+        """What a checkpoint holds: enough to go on exactly where the trial was."""
+        return TrainState(self.model, self.optimizer, self.scheduler, self.scaler, self.batches,
+                          self.noise_gen, self.guard, self.stats)
+
+    def next_batch(self) -> FlowBatch:
+        """The next training batch with its noise and timesteps, on the device."""
+        cfg = self.config
+        return make_batch(self.batches.next(), self.noise_gen, cfg.logit_mean, cfg.logit_std,
+                          cfg.flow_shift).to(self.device)
+
+    def loss(self, batch: FlowBatch) -> torch.Tensor:
+        """The flow loss of ``batch`` under the precision policy (fp32, 0-dim; NaN stays NaN)."""
+        with prec.autocast(self.policy, self.device):
+            return flow_loss(self.model, batch, self.policy.weight_dtype)
+
+    def validation(self) -> float:
+        """The fixed-seed validation loss (NaN when the model's output is not finite)."""
+        return self.validate(self.model, self.policy.weight_dtype,
+                             prec.autocast(self.policy, self.device))
+
+
 def run(config: TrialConfig, report: Report,
-        on_model: Callable[[torch.nn.Module], None] | None = None,
+        on_model: Callable[[nn.Module], None] | None = None,
         checkpoint: Checkpointer | None = None) -> dict[str, Any]:
     """Train for ``config.steps`` steps or until divergence; returns the summary row.
 
-    ``on_model``, if given, is called once with the ready model (precision and attention applied,
-    in train mode) before the first step: a seam for tests and diagnostics to register hooks,
-    e.g. one that corrupts a weight at a chosen step. Engines never pass it.
+    ``on_model`` is ``setup``'s seam; ``checkpoint`` is where ``train`` resumes from and saves to.
     """
-    # --- setup -----------------------------------------------------------------------------
+    return train(setup(config, on_model), report, checkpoint)
+
+
+def setup(config: TrialConfig,
+          on_model: Callable[[nn.Module], None] | None = None) -> Parts:
+    """Build one trial's parts: device, precision policy, data, model, optimizer, checks.
+
+    ``on_model``, if given, is called once with the ready model (precision and attention applied,
+    in train mode) before anything else is built: a seam for tests and diagnostics to register
+    hooks, e.g. one that corrupts a weight at a chosen step, and for benchmarks to start a clock.
+    Engines never pass it. UserError if the device cannot run the precision mode.
+    """
     device = pick_device(config.device)
     policy = prec.policy_for(config.precision)
     prec.check_supported(policy.mode, device)
@@ -64,99 +120,106 @@ def run(config: TrialConfig, report: Report,
         on_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(config.lr_schedule, config.warmup_steps, config.steps))
+    optimizer = adamw(params, config)
     scaler = prec.grad_scaler(policy, device)
-    guard = Guard(config, scaler_enabled=scaler.is_enabled())
-    validate = FixedValidation(data.val, config.val_batch_size, config.logit_mean,
-                               config.logit_std, config.flow_shift, device)
-    batches = Batches(data.train, config.batch_size, seed=config.seed)
-    noise_gen = torch.Generator().manual_seed(config.seed)
-    stats = RunStats(config, policy, device, n_params=sum(p.numel() for p in params))
-    state = TrainState(model, optimizer, scheduler, scaler, batches, noise_gen, guard, stats)
-    saved = checkpoint.restore() if checkpoint is not None else None
-    start = state.read(saved) if saved is not None else 0  # a retried trial goes on from there
+    return Parts(
+        config, device, policy, data, model, params, optimizer,
+        scheduler=lr_scheduler(optimizer, config),
+        scaler=scaler,
+        guard=Guard(config, loss_scale=prec.scale_on_host(scaler)),  # no sync yet: a float
+        validate=FixedValidation(data.val, config.val_batch_size, config.logit_mean,
+                                 config.logit_std, config.flow_shift, device),
+        batches=Batches(data.train, config.batch_size, seed=config.seed),
+        noise_gen=torch.Generator().manual_seed(config.seed),
+        stats=RunStats(config, policy, device, n_params=sum(p.numel() for p in params)),
+    )
 
-    # --- loop ------------------------------------------------------------------------------
+
+def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) -> dict[str, Any]:
+    """Run the loop from step 0, or from ``checkpoint``'s latest save when there is one.
+
+    Reports every step's row but the last; the last step's row carries the summary, which is
+    reported and returned. Two host syncs per step: the guard's, before and after the step.
+    """
+    p, config = parts, parts.config
+    start = _resume(p, checkpoint)
+    row: dict[str, Any] = {}
     for step in range(start, config.steps):
         started = time.perf_counter()
-        lr = float(scheduler.get_last_lr()[0])
-        batch = make_batch(batches.next(), noise_gen, config.logit_mean, config.logit_std,
-                           config.flow_shift).to(device)
+        lr = float(p.scheduler.get_last_lr()[0])
+        batch = p.next_batch()
 
-        with prec.autocast(policy, device):
-            loss = flow_loss(model, batch, policy.weight_dtype)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        gnorm = grad_norm(params, config.max_grad_norm)
+        loss = p.loss(batch)
+        p.optimizer.zero_grad(set_to_none=True)
+        p.scaler.scale(loss).backward()
+        p.scaler.unscale_(p.optimizer)
+        gnorm = grad_norm(p.params, config.max_grad_norm)
 
-        finding, loss_f, gnorm_f = guard.before_step(loss, gnorm)
+        finding, loss_f, gnorm_f = p.guard.before_step(loss, gnorm)  # sync 1: loss, grad norm
         if finding.verdict is Verdict.DIVERGED:
-            assert finding.cause is not None
-            where = guard.locate(step, finding.cause, model,
-                                 functools.partial(_forward, model, batch, policy, device))
-            return stats.finish(report, step, Outcome.DIVERGED, where.row(),
-                                row=_row(step, loss_f, gnorm_f, lr, scaler, True, started))
+            row = _row(step, loss_f, gnorm_f, lr, p.guard.loss_scale, True, started)
+            return _diverged(p, report, step, finding.cause, row, functools.partial(p.loss, batch))
 
         skipped = finding.verdict is Verdict.SKIP
-        if scaler.is_enabled():
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)  # GradScaler skips the update itself when grads hold inf/NaN
-            scaler.update()
-            skipped = skipped or scaler.get_scale() < scale_before
-        elif not skipped:
-            optimizer.step()
-        scheduler.step()
+        if not skipped:
+            # Not scaler.step(): it reads GradScaler's inf flag with .item(), a second sync
+            # before the step. Sync 1 already told the host: an inf/NaN gradient makes the grad
+            # norm non-finite, which under fp16-amp is a SKIP, and a SKIP never steps.
+            p.optimizer.step()
+        p.scaler.update()  # fp16-amp: halves the scale if unscale_ found inf/NaN (on the device)
+        p.scheduler.step()
 
-        finding = guard.after_step(param_norm(params), _scale(scaler))
-        row = _row(step, loss_f, gnorm_f, lr, scaler, skipped, started)
+        pnorm, scale = param_norm(p.params), prec.scale_on_device(p.scaler)
+        finding, backed_off = p.guard.after_step(pnorm, scale)  # sync 2: both together
+        skipped = skipped or backed_off
+        row = _row(step, loss_f, gnorm_f, lr, p.guard.loss_scale, skipped, started)
         if finding.verdict is Verdict.DIVERGED:
-            assert finding.cause is not None
-            where = guard.locate(step, finding.cause, model, lambda: None)
-            return stats.finish(report, step, Outcome.DIVERGED, where.row(), row=row)
+            return _diverged(p, report, step, finding.cause, row, lambda: None)
 
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-            val = validate(model, policy.weight_dtype, prec.autocast(policy, device))
-            row["val_loss"] = clean(val)
+        if _due(step, config.eval_every) or step + 1 == config.steps:
+            row["val_loss"] = clean(p.validation())
             if row["val_loss"] is None:
-                where = guard.locate(step, Cause.NONFINITE_METRIC, model,
-                                     functools.partial(_forward, model, validate.batch, policy,
-                                                       device))
-                return stats.finish(report, step, Outcome.DIVERGED, where.row(), row=row)
-        stats.record(row, skipped)
+                replay = functools.partial(p.loss, p.validate.batch)
+                return _diverged(p, report, step, Cause.NONFINITE_METRIC, row, replay)
+        p.stats.record(row, skipped)
         if step + 1 < config.steps:
             if checkpoint is not None and _due(step, config.checkpoint_every):
-                checkpoint.save(functools.partial(state.write, next_step=step + 1))
+                checkpoint.save(functools.partial(p.state.write, next_step=step + 1))
             report(row)
 
-    return stats.finish(report, config.steps - 1, Outcome.COMPLETED, {}, row=row)
+    return p.stats.finish(report, config.steps - 1, Outcome.COMPLETED, {}, row=row)
+
+
+def _resume(parts: Parts, checkpoint: Checkpointer | None) -> int:
+    """The step to start from: 0, or where a retried trial's latest checkpoint left off."""
+    saved = checkpoint.restore() if checkpoint is not None else None
+    if saved is None:
+        return 0
+    start = parts.state.read(saved)
+    parts.guard.loss_scale = prec.scale_on_host(parts.scaler)  # the restored scaler's scale
+    return start
+
+
+def _diverged(parts: Parts, report: Report, step: int, cause: Cause | None,
+              row: dict[str, Any], replay: Callable[[], object]) -> dict[str, Any]:
+    """Report the diverged step's row with where it was first seen; the trial ends here."""
+    assert cause is not None, "a DIVERGED finding always names its cause"
+    where = parts.guard.locate(step, cause, parts.model, replay)
+    return parts.stats.finish(report, step, Outcome.DIVERGED, where.row(), row=row)
 
 
 def _due(step: int, every: int | None) -> bool:
     return every is not None and (step + 1) % every == 0
 
 
-def _forward(model: torch.nn.Module, batch: Any, policy: prec.PrecisionPolicy,
-             device: torch.device) -> object:
-    with prec.autocast(policy, device):
-        return flow_loss(model, batch, policy.weight_dtype)
-
-
-def _scale(scaler: torch.amp.GradScaler) -> float:
-    return float(scaler.get_scale()) if scaler.is_enabled() else 1.0
-
-
-def _row(step: int, loss: float, gnorm: float, lr: float, scaler: torch.amp.GradScaler,
+def _row(step: int, loss: float, gnorm: float, lr: float, loss_scale: float | None,
          skipped: bool, started: float) -> dict[str, Any]:
     return {
         "step": step,
         "train_loss": clean(loss),
         "grad_norm": clean(gnorm),
         "lr": float(lr),
-        "loss_scale": clean(_scale(scaler)) if scaler.is_enabled() else None,
+        "loss_scale": clean(loss_scale),
         "skipped": bool(skipped),
         "step_time_s": time.perf_counter() - started,
         "val_loss": None,

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from tune_sana.outcomes import Outcome
+
 DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "steps": 50,
@@ -53,6 +55,6 @@ def run(config: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> dic
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
             row["val_loss"] = loss
         if step + 1 == cfg["steps"]:
-            row["outcome"] = "completed"
+            row["outcome"] = Outcome.COMPLETED.value
         report(row)
     return row

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from tune_sana.config import UserError, build_config, parse_overrides, read_yaml_mapping
-from tune_sana.engine import relay
+from tune_sana.engine import relay, sweep
+from tune_sana.outcomes import Outcome
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -35,7 +36,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         print(json.dumps(row), flush=True)
 
     summary = sana_finetune.run(config, report)
-    return 0 if summary["outcome"] in ("completed", "diverged") else 1
+    # A trial that ran to its verdict (also a divergence) succeeded; one that raised did not.
+    return 0 if summary["outcome"] in (Outcome.COMPLETED, Outcome.DIVERGED) else 1
 
 
 def cmd_make_base(args: argparse.Namespace) -> int:
@@ -47,13 +49,11 @@ def cmd_make_base(args: argparse.Namespace) -> int:
 
 
 def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
-    from tune_sana.engine.sweep import SweepOptions
-
     for flag, value in (("--progress-every", args.progress_every),
                         ("--report-every", args.report_every)):
         if not value >= 0:
             raise UserError(f"{flag} {value:g}: must be 0 or more seconds")
-    return SweepOptions(
+    return sweep.SweepOptions(
         name=args.name, storage=args.storage, address=args.address, resume=resume,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,
         progress_every_s=args.progress_every, report_every_s=args.report_every,
@@ -75,7 +75,7 @@ def _finish_sweep(run_dir: Path | str) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from tune_sana.engine import space, sweep
+    from tune_sana.engine import space
 
     spec = space.load(args.space, parse_overrides(args.set))
     name = Path(args.space).stem if args.space else "quickstart"
@@ -84,7 +84,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from tune_sana.engine import space, sweep
+    from tune_sana.engine import space
     from tune_sana.record.schema import SPEC_FILE
     from tune_sana.record.storage import Location, is_uri
 
@@ -151,8 +151,9 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-gpus", type=int, help="GPUs for the embedded local Ray")
     parser.add_argument("--dashboard", action="store_true",
                         help="start Ray's dashboard (on 127.0.0.1) with the embedded Ray")
-    parser.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
-                        help="seconds between progress lines (default 10)")
+    parser.add_argument("--progress-every", type=float, default=sweep.PROGRESS_EVERY_S,
+                        metavar="SECONDS", help="seconds between progress lines "
+                        f"(default {sweep.PROGRESS_EVERY_S:g})")
     parser.add_argument("--report-every", type=float, default=relay.EVERY_S, metavar="SECONDS",
                         help="how long a trial may hold its step rows before sending them to "
                         "the driver; evaluations, verdicts and checkpoints go at once "
@@ -178,19 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--force", action="store_true", help="rebuild even if it exists")
     base.set_defaults(func=cmd_make_base)
 
-    sweep = sub.add_parser("sweep", help="run a search over a space file with Ray Tune")
-    sweep.add_argument("space", nargs="?",
-                       help="space YAML (default: the built-in search_spaces/quickstart.yaml)")
-    sweep.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="fix a trial setting (lr=1e-4) or a spec field (search.num_samples=8)")
-    sweep.add_argument("--name", help="run name (default: <space>-<timestamp>)")
-    sweep.add_argument("--storage", default="runs",
-                       help="folder or URI pyarrow understands (file:///..., s3://bucket/path) "
-                            "holding runs (default: ./runs)")
-    sweep.add_argument("--resume", action="store_true",
-                       help="continue the run named by --name (default: this space's newest)")
-    _add_ray_options(sweep)
-    sweep.set_defaults(func=cmd_sweep)
+    sweep_cmd = sub.add_parser("sweep", help="run a search over a space file with Ray Tune")
+    sweep_cmd.add_argument("space", nargs="?", help="space YAML (default: the built-in "
+                           "search_spaces/quickstart.yaml)")
+    sweep_cmd.add_argument("--set", action="append", metavar="KEY=VALUE",
+                           help="fix a trial setting (lr=1e-4) or a spec field "
+                           "(search.num_samples=8)")
+    sweep_cmd.add_argument("--name", help="run name (default: <space>-<timestamp>)")
+    sweep_cmd.add_argument("--storage", default=sweep.DEFAULT_STORAGE,
+                           help="folder or URI pyarrow understands (file:///..., "
+                           f"s3://bucket/path) holding runs (default: ./{sweep.DEFAULT_STORAGE})")
+    sweep_cmd.add_argument("--resume", action="store_true",
+                           help="continue the run named by --name (default: this space's newest)")
+    _add_ray_options(sweep_cmd)
+    sweep_cmd.set_defaults(func=cmd_sweep)
 
     resume = sub.add_parser("resume", help="continue a killed sweep from its run directory")
     resume.add_argument("run_dir", help="the run's folder or URI")

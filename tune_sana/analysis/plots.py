@@ -23,15 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
-from tune_sana.analysis.report import (
-    FINITE,
-    PRECISION_ORDER,
-    Run,
-    divergence_causes,
-    ranking,
-)
+from tune_sana.analysis.runs import Run
+from tune_sana.analysis.tables import PRECISION_ORDER, divergence_causes, ranking
 from tune_sana.config import UserError
-from tune_sana.outcomes import Outcome
+from tune_sana.outcomes import FINITE, Outcome
 from tune_sana.record.readers import read_history
 
 MARKERS = {"fp32": "o", "fp16-amp": "s", "bf16-amp": "^", "fp16": "D", "bf16": "v"}

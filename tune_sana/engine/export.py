@@ -1,11 +1,18 @@
 """``tune-sana export <run dir> --trial <id>``: the trained weights of one completed trial.
 
-Trials do not checkpoint (a sweep of hundreds of trials would write hundreds of models, and
-most of them diverge or get pruned). Export instead re-runs the chosen trial: its configuration is
-read back from the run (the fixed settings from ``sweep.yaml``, the searched values from its
-``trials.parquet`` row), the trial program ``trials.sana_finetune.run`` trains it again (the
-same seed gives the same batches, noise, timesteps and initialisation, so on the same device the
-run repeats), and what it trained is saved by :func:`tune_sana.lora.save_trained`:
+A sweep does not keep its trials' final weights (a sweep of hundreds of trials would write
+hundreds of models, most of them diverged or pruned). Trials can checkpoint: with
+``checkpoint_every`` set (default: never) a trial saves its training state every N steps, and
+Ray keeps the latest one in the trial's folder so that a trial whose process died is retried
+from it. That checkpoint is for retries: it is the state at the last multiple of
+``checkpoint_every`` (the final one only when ``steps`` is a multiple of it), in the trial's
+resume format rather than a loadable model. Export therefore re-runs the chosen trial: its
+configuration is read back from the run (its effective configuration,
+:func:`tune_sana.analysis.runs.effective_configs`: the searched values from its
+``trials.parquet`` row, the fixed settings from ``sweep.yaml``), the trial program
+``trials.sana_finetune.run`` trains it again (the same seed gives the same batches, noise,
+timesteps and initialisation, so on the same device the run repeats), and what it trained is
+saved by :func:`tune_sana.training.lora.save_trained`:
 
 - ``finetune: full``: a diffusers transformer folder (config.json + safetensors), loadable with
   ``SanaTransformer2DModel.from_pretrained`` or as ``model: <folder>`` in a later sweep;
@@ -28,12 +35,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from torch import nn
 
+from tune_sana.analysis.runs import effective_configs
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.outcomes import Outcome
-from tune_sana.record.readers import read_trials
-from tune_sana.record.schema import SPEC_FILE
+from tune_sana.record.readers import read_run_spec, read_trials
+from tune_sana.record.schema import CONFIG_FIELDS
 from tune_sana.record.storage import is_uri
 from tune_sana.training.lora import save_trained
 
@@ -44,7 +54,7 @@ _RTOL = 1e-4  # relative difference of val loss still called "reproduced"
 def trial_row(run_dir: Path, trial_id: str) -> dict[str, Any]:
     """The trial's trials.parquet row; UserError listing some ids if it is not there."""
     table = read_trials(run_dir)
-    rows = [r for r in table.to_pylist() if r["trial_id"] == trial_id]
+    rows = table.filter(pc.equal(table["trial_id"], trial_id)).slice(0, 1).to_pylist()
     if not rows:
         known = [str(t) for t in table.column("trial_id").to_pylist()]
         listed = ", ".join(known[:8]) + (" ..." if len(known) > 8 else "")
@@ -54,26 +64,16 @@ def trial_row(run_dir: Path, trial_id: str) -> dict[str, Any]:
 
 
 def trial_config(run_dir: Path, row: dict[str, Any]) -> TrialConfig:
-    """The configuration the trial ran with: sweep.yaml's fixed settings, then the row's values.
-
-    A key the space searched takes the row's value even when it is null (``max_grad_norm:
-    null`` was a real choice); other null columns mean "not recorded" and keep the fixed value.
-    """
-    fixed: dict[str, Any] = {}
-    searched: set[str] = set()
-    spec_file = run_dir / SPEC_FILE
-    if spec_file.is_file():
-        from tune_sana.engine.space import load
-
-        spec = load(spec_file)
-        if spec.trial != "sana_finetune":
-            raise UserError(f"{run_dir}: trial program '{spec.trial}' has no weights to export; "
-                            "export works for sana_finetune runs")
-        fixed, searched = dict(spec.fixed), set(spec.space)
-    values = dict(fixed)
-    for name in TrialConfig.model_fields:
-        if name in row and (name in searched or row[name] is not None):
-            values[name] = row[name]
+    """The configuration the trial ran with: its effective configuration (a searched key as
+    recorded, null included: ``max_grad_norm: null`` was a real choice; any other null takes
+    the run's fixed value, else TrialConfig's default). UserError for a run of another trial
+    program than sana_finetune (it has no weights to export)."""
+    spec = read_run_spec(run_dir)
+    if spec.trial != "sana_finetune":
+        raise UserError(f"{run_dir}: trial program '{spec.trial}' has no weights to export; "
+                        "export works for sana_finetune runs")
+    recorded = pa.table({f.name: pa.array([row.get(f.name)], f.type) for f in CONFIG_FIELDS})
+    values = effective_configs(recorded, spec).to_pylist()[0]
     return build_config(values, source=f"{run_dir.name}/{row['trial_id']}")
 
 

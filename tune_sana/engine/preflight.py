@@ -18,7 +18,7 @@ from tune_sana.data.checkpoints import (
     resolve_folder,
     weights_name,
 )
-from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec
+from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec, max_t
 
 
 def candidates(spec: SweepSpec, key: str) -> list[Any]:
@@ -49,6 +49,18 @@ def check_local(spec: SweepSpec) -> None:
     for data in candidates(spec, "data"):
         _check_data(str(data))
     _check_devices(spec)
+
+
+def check_scheduler(spec: SweepSpec) -> None:
+    """ASHA needs its grace period within the steps a trial runs (Ray asserts it)."""
+    if spec.scheduler.type != "asha":
+        return
+    horizon = max_t(spec)
+    if spec.scheduler.grace_period > horizon:
+        raise UserError(f"scheduler.grace_period {spec.scheduler.grace_period} is more than the "
+                        f"{horizon} steps a trial runs, so ASHA could never stop one; lower it "
+                        f"(e.g. --set scheduler.grace_period={max(1, horizon // 3)}) or use "
+                        "scheduler.type fifo")
 
 
 def _check_checkpoint_folder(model: str, folder: Path, variants: list[Any]) -> None:

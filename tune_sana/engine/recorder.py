@@ -14,9 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
 from ray.tune import Callback
 
+from tune_sana.config import Precision, TrialConfig
 from tune_sana.engine.relay import unpack
+from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec
+from tune_sana.outcomes import FINISHED, FINITE, TRIAL_VERDICTS, Outcome
 from tune_sana.record.writer import ResultsWriter
 
 # Keys Ray adds to every result; they are not the trial's metrics.
@@ -52,8 +56,8 @@ class ResultsRecorder(Callback):
     ``Tuner.restore`` the writer is re-opened in resume mode, so finished trials stay as written.
     """
 
-    def __init__(self, run_dir: str, spec_yaml: str, stream: TextIO | None = None,
-                 progress_every_s: float = 10.0, resume: bool = False,
+    def __init__(self, run_dir: str, spec_yaml: str, *, progress_every_s: float,
+                 stream: TextIO | None = None, resume: bool = False,
                  fixed: dict[str, Any] | None = None) -> None:
         self.run_dir = run_dir
         self.spec_yaml = spec_yaml
@@ -70,6 +74,8 @@ class ResultsRecorder(Callback):
         self._best: tuple[float, str] | None = None
         self._last_print = 0.0
         self._started = time.time()
+        # Trials that take a TrialConfig have a precision / checkpoint-variant pairing.
+        self._paired = _trial_of(self.spec_yaml) in TRIAL_CONFIG_TRIALS
 
     def __getstate__(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "spec_yaml": self.spec_yaml,
@@ -112,7 +118,7 @@ class ResultsRecorder(Callback):
             return
         track = self._tracks.setdefault(trial.trial_id, _Track())
         for row in _rows(result):
-            if row.get("outcome") == "error":
+            if row.get("outcome") == Outcome.ERROR:
                 continue  # the error row is a verdict, not a step: on_trial_complete records it
             track.update(row)
             self.writer.add_step(trial.trial_id, row)
@@ -126,8 +132,8 @@ class ResultsRecorder(Callback):
             track.update(last)
         outcome = track.last.get("outcome")
         summary = dict(track.last)
-        if outcome not in ("completed", "diverged", "error"):
-            summary["outcome"] = "pruned"  # stopped by the scheduler while still finite
+        if outcome not in TRIAL_VERDICTS:
+            summary["outcome"] = Outcome.PRUNED.value  # stopped by the scheduler while finite
         self._finish(trial, track, summary)
         self._progress(trials, force=True)
 
@@ -135,7 +141,7 @@ class ResultsRecorder(Callback):
                        **info: Any) -> None:
         track = self._tracks.pop(trial.trial_id, _Track())
         summary = dict(track.last)
-        summary.update(outcome="error", error=_error_text(trial))
+        summary.update(outcome=Outcome.ERROR.value, error=_error_text(trial))
         self._finish(trial, track, summary)
         self._progress(trials, force=True)
 
@@ -153,14 +159,15 @@ class ResultsRecorder(Callback):
         summary.setdefault("final_val_loss", track.final_val)
         summary.setdefault("wall_time_s", time.time() - track.started)
         summary["retries"] = int(getattr(trial, "num_failures", 0) or 0)
-        if summary.get("pairing") is None and "precision" in trial.config:
-            summary["pairing"] = _pairing({**self.fixed, **trial.config})
         # The row holds the whole configuration: fixed settings plus the searched ones.
-        self.writer.finish_trial(trial.trial_id, {**self.fixed, **trial.config}, summary)
+        config = {**self.fixed, **trial.config}
+        if summary.get("pairing") is None and self._paired:
+            summary["pairing"] = _pairing(config)  # the trial's summary never came
+        self.writer.finish_trial(trial.trial_id, config, summary)
         outcome = str(summary["outcome"])
         self._counts[outcome] += 1
         best = summary.get("best_val_loss")
-        if outcome in ("completed", "pruned") and isinstance(best, (int, float)):
+        if outcome in FINITE and isinstance(best, (int, float)):
             if self._best is None or best < self._best[0]:
                 self._best = (float(best), trial.trial_id)
 
@@ -172,8 +179,7 @@ class ResultsRecorder(Callback):
         running = sum(1 for t in trials if t.status == "RUNNING")
         pending = sum(1 for t in trials if t.status == "PENDING")
         parts = [f"running {running}", f"pending {pending}"] + [
-            f"{name} {self._counts.get(name, 0)}"
-            for name in ("completed", "diverged", "pruned", "error")
+            f"{name} {self._counts.get(name, 0)}" for name in FINISHED
         ]
         best = f" | best val_loss {self._best[0]:.4g} ({self._best[1]})" if self._best else ""
         stream = self._stream or sys.stderr
@@ -186,15 +192,25 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return unpack({k: v for k, v in result.items() if k not in _RAY_KEYS})
 
 
-def _pairing(config: dict[str, Any]) -> str | None:
-    """native / crossed / n/a for a trial that never sent its summary (pruned, error)."""
-    from tune_sana.config import Precision
-    from tune_sana.training.precision import pairing
+def _trial_of(spec_yaml: str) -> str:
+    """The trial program a sweep's spec names (SweepSpec's default where it names none)."""
+    raw = yaml.safe_load(spec_yaml) if spec_yaml else None
+    default = str(SweepSpec.model_fields["trial"].default)
+    return str(raw.get("trial", default)) if isinstance(raw, dict) else default
 
+
+def _pairing(config: dict[str, Any]) -> str | None:
+    """native / crossed / n/a for a trial that never sent its summary (pruned, error), from its
+    whole configuration: searched, else fixed, else TrialConfig's default precision and
+    variant; None for a value that is not a precision mode."""
+    from tune_sana.training.precision import pairing  # torch: only when a row needs it
+
+    fields = TrialConfig.model_fields
     try:
-        return pairing(Precision(config["precision"]), config.get("variant"))
+        mode = Precision(config.get("precision", fields["precision"].default))
     except ValueError:
         return None
+    return pairing(mode, config.get("variant", fields["variant"].default))
 
 
 def _error_text(trial: Any) -> str:

@@ -22,17 +22,19 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune_sana.engine.space import SweepSpec, optuna_space
 from tune_sana.engine.stopping import is_diverged
+from tune_sana.outcomes import Outcome
 
-DIVERGED_ATTR = "diverged"
+DIVERGED_ATTR = Outcome.DIVERGED.value  # the Optuna user attr and constraint of a diverged trial
 GOOD_SHARE = 0.25  # of finished trials, modelled as good by TPE (see good_trials)
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):
     """OptunaSearch that records diverged trials as infeasible, finished trials (never RUNNING).
 
-    The value told for a diverged trial is a penalty: twice the worst finite value seen so far
-    (in the direction of ``mode``), or 1e6 before any; the trial's cause is kept in user attrs.
-    A non-finite metric never reaches ``study.tell``.
+    The value told for a diverged trial is a penalty, one step of ``|worst| + 1`` past the worst
+    finite value told so far: ``worst + (|worst| + 1)`` for mode min, ``worst - (|worst| + 1)``
+    for mode max; before any finite value, 1e6 (min) or -1e6 (max). The trial's cause is kept in
+    user attrs. A non-finite metric never reaches ``study.tell``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -19,21 +19,35 @@ Distributions (bounds are explicit; ``loguniform`` and ``uniform`` sample in [lo
 ``int`` is inclusive of both ends, ``log: true`` on ``int`` samples on a log scale):
 ``loguniform: [low, high]``, ``uniform: [low, high]``, ``int: [low, high]`` (+ ``log``),
 ``choice: [...]`` (null allowed), ``grid: [...]`` (every value, with algorithm grid or random).
-Unknown keys anywhere are errors naming the key and the file.
+Unknown keys anywhere are errors naming the key and the file. For the trial programs that take a
+TrialConfig, every dimension is checked against its key's type: a float range on an integer key
+is an error (use ``int``), ``int`` on a float key is fine, both bounds and every choice must be
+valid values of the key, and a choice on a true/false key must be true or false. A space with no
+key under ``space:`` has nothing to search (every trial would run one configuration): an error
+for every algorithm; one configuration is ``tune-sana trial``.
 """
 
 from __future__ import annotations
 
 import builtins
 import importlib.resources
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tune_sana.config import TRIAL_KEYS, UserError, build_config, did_you_mean, read_yaml_mapping
+from tune_sana.config import (
+    TRIAL_KEYS,
+    TrialConfig,
+    UserError,
+    build_config,
+    did_you_mean,
+    read_yaml_mapping,
+)
 
 TRIALS: dict[str, str] = {
     "sana_finetune": "trials.sana_finetune:run",
@@ -141,13 +155,20 @@ def _locate(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
 
 
-def parse_spec(raw: Mapping[str, Any], source: str) -> SweepSpec:
-    """Validate a mapping; every problem is a UserError naming the key and ``source``."""
+def parse_spec(raw: Mapping[str, Any], source: str, *, fixed_by_set: Collection[str] = ()
+               ) -> SweepSpec:
+    """Validate a mapping; every problem is a UserError naming the key and ``source``.
+
+    ``fixed_by_set``: the searched keys that ``--set`` moved to ``fixed`` (named in the error
+    when nothing is left to search).
+    """
     top = set(SweepSpec.model_fields)
     for key in raw:
         if key not in top:
             raise UserError(f"{source}: unknown key '{key}'{did_you_mean(key, top)}; "
                             f"valid top-level keys: {', '.join(sorted(top))}")
+    # ``space:`` or ``fixed:`` with nothing under it is YAML's null: an empty section.
+    raw = {k: v for k, v in raw.items() if not (k in ("fixed", "space") and v is None)}
     try:
         spec = SweepSpec(**raw)
     except ValidationError as err:
@@ -165,7 +186,26 @@ def parse_spec(raw: Mapping[str, Any], source: str) -> SweepSpec:
                             f"valid here: {', '.join(valid)}") from None
         raise UserError(f"{source}: key '{loc}': {msg}") from None
     _check_against_trial(spec, source)
+    _check_searchable(spec, source, fixed_by_set)
     return spec
+
+
+def _check_searchable(spec: SweepSpec, source: str, fixed_by_set: Collection[str]) -> None:
+    """A sweep searches at least one key. With none, optuna has no space to sample (Ray raises
+    once the sweep has started) and random or grid run one configuration num_samples times."""
+    if spec.space:
+        return
+    if fixed_by_set:
+        keys = ", ".join(sorted(fixed_by_set))
+        what = "the only searched key" if len(fixed_by_set) == 1 else "every searched key"
+        why = f"--set {keys} fixed {what}"
+    else:
+        why = "no key under space:"
+    one = ("or run one configuration with tune-sana trial (--config FILE or --set key=value)"
+           if spec.trial in TRIAL_CONFIG_TRIALS
+           else "or, for one configuration, give one key a one-value grid (seed: {grid: [0]})")
+    raise UserError(f"{source}: nothing to search: {why}; add a key under space: (e.g. lr: "
+                    f"{{loguniform: [1.0e-5, 1.0e-2]}}), {one}")
 
 
 def _check_against_trial(spec: SweepSpec, source: str) -> None:
@@ -186,15 +226,14 @@ def _check_against_trial(spec: SweepSpec, source: str) -> None:
         raise UserError(f"{source}: '{sorted(both)[0]}' is both fixed and searched; keep one")
     build_config(spec.fixed, source=f"{source}: fixed")
     for key, dim in spec.space.items():
-        if dim.kind in ("choice", "grid"):
-            for value in dim.values():
-                build_config({**spec.fixed, key: value}, source=f"{source}: space.{key}")
-        elif dim.kind == "int":
-            assert dim.int is not None
-            build_config({**spec.fixed, key: dim.int[0]}, source=f"{source}: space.{key}")
-        else:
-            low, _ = getattr(dim, dim.kind)
-            build_config({**spec.fixed, key: low}, source=f"{source}: space.{key}")
+        where = f"{source}: space.{key}"
+        _check_kind(key, dim, where)
+        values = dim.values() if dim.kind in ("choice", "grid") else list(getattr(dim, dim.kind))
+        for value in values:  # every choice; both ends of a range
+            problem = _type_problem(key, value)
+            if problem:
+                raise UserError(f"{where}: {problem}")
+            build_config({**spec.fixed, key: value}, source=where)
     if spec.search.algorithm == "optuna" and any(d.kind == "grid" for d in spec.space.values()):
         raise UserError(f"{source}: 'grid' needs search.algorithm grid or random; "
                         "with optuna use 'choice'")
@@ -202,6 +241,52 @@ def _check_against_trial(spec: SweepSpec, source: str) -> None:
         loose = next(k for k, d in spec.space.items() if d.kind != "grid")
         raise UserError(f"{source}: search.algorithm grid needs every space key as grid "
                         f"('{loose}' is not); or use algorithm random")
+
+
+def _key_type(key: str) -> type | None:
+    """bool, int or float for a TrialConfig key of that type (null allowed or not); None for
+    the others (strings, enums), whose values pydantic checks strictly enough."""
+    annotation = TrialConfig.model_fields[key].annotation
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = {a for a in (typing.get_args(annotation) if union else (annotation,))
+             if a is not type(None)}
+    return next((t for t in (bool, int, float) if kinds == {t}), None)
+
+
+def _check_kind(key: str, dim: Dimension, where: str) -> None:
+    """A range's kind against the key's type: floats only on float keys, ints on numbers."""
+    if dim.kind in ("choice", "grid"):
+        return
+    key_type = _key_type(key)
+    if key_type is float or (key_type is int and dim.kind == "int"):
+        return
+    if key_type is bool:
+        raise UserError(f"{where}: {dim.kind} draws numbers but '{key}' is true or false; "
+                        "use choice: [false, true]")
+    if key_type is None:
+        raise UserError(f"{where}: {dim.kind} draws numbers but '{key}' is not a number; "
+                        "use choice: [...] of its values")
+    low, high = getattr(dim, dim.kind)
+    bounds = (f"[{int(low)}, {int(high)}]"
+              if float(low).is_integer() and float(high).is_integer() else "[low, high]")
+    log = ", log: true" if dim.kind == "loguniform" else ""
+    raise UserError(f"{where}: {dim.kind} draws floats but '{key}' is an integer; "
+                    f"use int: {bounds}{log}")
+
+
+def _type_problem(key: str, value: Any) -> str | None:
+    """What is wrong with ``value``'s type for ``key`` where pydantic would convert it
+    silently (0/1 or "yes" for a bool, 10.0 for an int, true or "1.0" for a float)."""
+    key_type = _key_type(key)
+    if value is None or key_type is None:
+        return None
+    if key_type is bool:
+        return None if isinstance(value, bool) else f"{value!r} is not true or false; use those"
+    if key_type is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"{value!r} is not an integer; use whole numbers (10, not 10.0)"
+    if key_type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"{value!r} is not a number; use numbers, unquoted (1.0e-3)"
+    return None
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -242,8 +327,27 @@ def read_space_file(path: str | Path) -> dict[str, Any]:
 def load(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> SweepSpec:
     """Load a space file (None: the built-in quickstart), apply overrides, validate."""
     file = Path(path) if path is not None else builtin_space_path("quickstart")
-    raw = apply_overrides(read_space_file(file), overrides or {})
-    return parse_spec(raw, source=str(file))
+    given = read_space_file(file)
+    raw = apply_overrides(given, overrides or {})
+    searched = given.get("space")
+    searched_keys = set(searched) if isinstance(searched, dict) else set()
+    fixed_by_set = [key for key in overrides or {} if key in searched_keys]
+    return parse_spec(raw, source=str(file), fixed_by_set=fixed_by_set)
+
+
+def max_t(spec: SweepSpec) -> int:
+    """The scheduler's horizon in steps: scheduler.max_t, else the most steps a trial runs."""
+    if spec.scheduler.max_t is not None:
+        return spec.scheduler.max_t
+    if "steps" in spec.space:
+        dim = spec.space["steps"]
+        if dim.kind in ("choice", "grid"):
+            counts = [int(v) for v in dim.values() if isinstance(v, (int, float))]
+        else:
+            counts = [int(getattr(dim, dim.kind)[1])]
+        if counts:
+            return max(counts)
+    return int(spec.fixed.get("steps", TrialConfig.model_fields["steps"].default))
 
 
 # --- conversion --------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 from ray.tune.stopper import Stopper
 
-DIVERGED = "diverged"
+from tune_sana.outcomes import Cause, Outcome
 
 
 def _nonfinite(value: Any) -> bool:
@@ -42,8 +42,9 @@ def sanitize(row: Mapping[str, Any]) -> dict[str, Any]:
             continue
         if value is not None:
             out[key] = value
-    if first_bad is not None and out.get("outcome") != DIVERGED:
-        out.update(outcome=DIVERGED, divergence_cause="nonfinite_metric", nonfinite_at=first_bad)
+    if first_bad is not None and out.get("outcome") != Outcome.DIVERGED:
+        out.update(outcome=Outcome.DIVERGED.value, divergence_cause=Cause.NONFINITE_METRIC.value,
+                   nonfinite_at=first_bad)
         if "step" in out:
             out.setdefault("diverged_step", out["step"])
     return out
@@ -51,7 +52,7 @@ def sanitize(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def is_diverged(result: Mapping[str, Any]) -> bool:
     """True if the result says ``diverged`` or carries a non-finite number."""
-    if result.get("outcome") == DIVERGED:
+    if result.get("outcome") == Outcome.DIVERGED:
         return True
     return any(_nonfinite(v) for v in result.values())
 

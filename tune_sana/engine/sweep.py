@@ -8,13 +8,14 @@ to ``ray.tune.report`` in batches (relay.py). The driver owns the Parquet record
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,13 @@ import yaml
 
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.engine import preflight, relay
-from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec
+from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec, max_t
+from tune_sana.outcomes import Outcome
 from tune_sana.record.schema import SPEC_FILE
 from tune_sana.record.storage import Location, is_uri
 
-DEFAULT_STORAGE = "runs"
+DEFAULT_STORAGE = "runs"  # where runs go: a folder (relative to the working directory) or a URI
+PROGRESS_EVERY_S = 10.0  # seconds between the driver's progress lines (--progress-every)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class SweepOptions:
     num_cpus: int | None = None
     num_gpus: int | None = None
     dashboard: bool = False
-    progress_every_s: float = 10.0
+    progress_every_s: float = PROGRESS_EVERY_S
     report_every_s: float = relay.EVERY_S
     connect_timeout_s: float = 30.0
 
@@ -125,7 +128,7 @@ def error_row(err: BaseException, step: int | None) -> dict[str, Any]:
     if isinstance(err, MemoryError) or "out of memory" in message.lower() or \
             "can't allocate memory" in message:
         message = f"out of memory: {message}"
-    row: dict[str, Any] = {"outcome": "error", "error": message[:2000]}
+    row: dict[str, Any] = {"outcome": Outcome.ERROR.value, "error": message[:2000]}
     if step is not None:
         row["step"] = step
         row["steps_run"] = step + 1
@@ -232,16 +235,44 @@ def init_ray(options: SweepOptions) -> None:
                                 "~/.ray/auth_token) and run again") from None
             raise
         return
-    ray.init(
-        address="local",  # a new instance: never a cluster someone left running on this machine
-        num_cpus=options.num_cpus,
-        num_gpus=options.num_gpus,
-        include_dashboard=options.dashboard,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    with _without_auth_notice():
+        ray.init(
+            address="local",  # a new instance: never a cluster left running on this machine
+            num_cpus=options.num_cpus,
+            num_gpus=options.num_gpus,
+            include_dashboard=options.dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+
+
+# Ray turns token authentication on for every new local instance and logs this notice at each
+# start. For the embedded Ray it tells the user nothing to act on: the instance listens on
+# 127.0.0.1 only, keeps token authentication on, and ends with the sweep. Only this message is
+# dropped, only while the embedded Ray starts; joining a cluster (--address) logs what Ray says.
+# (RAY_AUTH_MODE would silence it too, but =disabled turns authentication off, and =token set
+# after ray is imported splits the driver, which read the mode at import, from Ray's servers.)
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+class _DropAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_AUTH_NOTICE)
+
+
+@contextlib.contextmanager
+def _without_auth_notice() -> Iterator[None]:
+    """Ray's token-authentication notice dropped from its log while the block runs."""
+    logger = logging.getLogger(_AUTH_LOGGER)
+    notice_filter = _DropAuthNotice()
+    logger.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice_filter)
 
 
 def _single_machine_mode() -> None:
@@ -277,17 +308,6 @@ def _check_reachable(address: str, timeout_s: float) -> None:
                         "'ray start --head' or check the address") from None
 
 
-def _max_t(spec: SweepSpec) -> int:
-    if spec.scheduler.max_t is not None:
-        return spec.scheduler.max_t
-    if "steps" in spec.space:
-        dim = spec.space["steps"]
-        if dim.int is not None:
-            return dim.int[1]
-        return max(int(v) for v in dim.values())
-    return int(spec.fixed.get("steps", TrialConfig.model_fields["steps"].default))
-
-
 def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: SweepOptions,
                 restore: bool) -> Any:
     """The Tuner (fresh, or restored from ``run_dir``: a local folder or a URI)."""
@@ -316,7 +336,7 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
         searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
     if spec.scheduler.type == "asha":
         # Steps, not Ray's training_iteration: one result may carry many steps (relay.py).
-        scheduler: Any = ASHAScheduler(time_attr=relay.STEPS_KEY, max_t=_max_t(spec),
+        scheduler: Any = ASHAScheduler(time_attr=relay.STEPS_KEY, max_t=max_t(spec),
                                        grace_period=spec.scheduler.grace_period,
                                        reduction_factor=spec.scheduler.reduction_factor)
     else:
@@ -374,6 +394,7 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
     elif Location.of(run_dir).entries(hidden=True):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or "
                         "choose another --name")
+    preflight.check_scheduler(spec)
     preflight.check_local(spec)  # also builds the demo base once, if a trial uses it
     init_ray(options)
     preflight.check_cluster(spec)

@@ -1,8 +1,8 @@
 """The trial-side divergence guard: turns tensors into the pure checks of health.py.
 
 One host sync before ``optimizer.step()`` (loss and grad norm travel together) and one after it
-(parameter norm); healthy steps add no other work. When a check fails, the guard works out where
-the problem was first seen and builds the trial's final row.
+(parameter norm and, under fp16-amp, the loss scale); healthy steps add no other work. When a
+check fails, the guard works out where the problem was first seen and builds the trial's final row.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tune_sana.config import OnNonfinite, TrialConfig
-from tune_sana.outcomes import Cause, clean
+from tune_sana.outcomes import Cause, Outcome, clean
 from tune_sana.training import diagnose, health
 from tune_sana.training.health import Finding, Verdict
 
@@ -60,7 +60,7 @@ class Divergence:
 
     def row(self) -> dict[str, Any]:
         return {
-            "outcome": "diverged",
+            "outcome": Outcome.DIVERGED.value,
             "divergence_cause": self.cause.value,
             "diverged_step": self.step,
             "nonfinite_at": self.nonfinite_at,
@@ -70,10 +70,15 @@ class Divergence:
 
 
 class Guard:
-    """Health state of one trial: spike detector, skip budget, loss-scale floor."""
+    """Health state of one trial: spike detector, skip budget, loss-scale floor.
 
-    def __init__(self, config: TrialConfig, scaler_enabled: bool) -> None:
-        self.scaler_enabled = scaler_enabled
+    ``loss_scale`` is GradScaler's scale as the host last saw it (the initial or restored one,
+    then each step's after ``update()``); None without loss scaling (every mode but fp16-amp).
+    """
+
+    def __init__(self, config: TrialConfig, loss_scale: float | None) -> None:
+        self.loss_scale = loss_scale
+        self.scaler_enabled = loss_scale is not None
         self.min_loss_scale = config.min_loss_scale
         self.spikes = health.SpikeDetector(config.loss_spike_factor)
         budget = config.max_skips if config.on_nonfinite is OnNonfinite.SKIP else 0
@@ -106,12 +111,22 @@ class Guard:
             finding = self.spikes.update(loss_f)
         return finding, loss_f, gnorm_f
 
-    def after_step(self, pnorm: torch.Tensor, scale: float) -> Finding:
-        """Check the weights (one sync) and, under fp16-amp, the loss scale."""
-        finding = health.post_step(float(pnorm))
-        if finding.ok and self.scaler_enabled:
-            finding = health.loss_scale(scale, self.min_loss_scale)
-        return finding
+    def after_step(self, pnorm: torch.Tensor, scale: torch.Tensor | None) -> tuple[Finding, bool]:
+        """Check the weights and, under fp16-amp, the loss scale (one sync for both).
+
+        ``scale`` is the scaler's scale tensor after ``update()`` (None without loss scaling).
+        Returns the finding and whether the scale fell below last step's: GradScaler backed off
+        because the gradients held inf/NaN, so the step was skipped. A NaN norm diverges.
+        """
+        if scale is None or self.loss_scale is None:
+            return health.post_step(float(pnorm)), False
+        pnorm_f, scale_f = torch.stack([pnorm.float(), scale.to(pnorm.device)]).tolist()
+        backed_off = scale_f < self.loss_scale
+        self.loss_scale = scale_f
+        finding = health.post_step(pnorm_f)
+        if finding.ok:
+            finding = health.loss_scale(scale_f, self.min_loss_scale)
+        return finding, backed_off
 
     @staticmethod
     def locate(step: int, cause: Cause, model: nn.Module,

@@ -1,7 +1,9 @@
 """Divergence checks: pure functions over plain floats, and the small state they keep.
 
-The trial gathers loss, gradient norm, parameter norm and loss scale into one tensor and moves it
-to the host once per check (one sync, not one per tensor); everything here works on the floats.
+The guard (guard.py) stacks what one check needs into one tensor and moves it to the host once:
+loss and gradient norm before the optimizer step, parameter norm and loss scale after it (one
+sync per check, not one per tensor); everything here works on the floats. A non-finite
+validation loss is the trial's own check (Cause.NONFINITE_METRIC), outside these.
 """
 
 from __future__ import annotations

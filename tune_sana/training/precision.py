@@ -99,6 +99,29 @@ def grad_scaler(policy: PrecisionPolicy, device: torch.device) -> torch.amp.Grad
     return torch.amp.GradScaler(device.type, enabled=policy.loss_scaling)
 
 
+def scale_on_host(scaler: torch.amp.GradScaler) -> float | None:
+    """The loss scale as a Python float, None without loss scaling.
+
+    A host sync once the scaler holds its scale on the device (after the first ``scale()``):
+    for setup and resume, never for every step.
+    """
+    return scaler.get_scale() if scaler.is_enabled() else None
+
+
+def scale_on_device(scaler: torch.amp.GradScaler) -> torch.Tensor | None:
+    """The loss scale as a 0-dim fp32 tensor where the scaler keeps it (no host sync); None
+    without loss scaling."""
+    if not scaler.is_enabled():
+        return None
+    # get_scale() is .item() of this tensor: one host sync per call. The private
+    # _get_scale_async() (still in torch 2.13; GradScaler's own step() uses it) returns the
+    # tensor itself, so the guard can bring it to the host with the parameter norm in one sync.
+    scale = scaler._get_scale_async()
+    if scale is None:  # no scale() yet: the scaler still holds its initial scale as a float
+        return torch.tensor(scaler.get_scale(), dtype=torch.float32)
+    return scale
+
+
 @contextlib.contextmanager
 def no_autocast(device_type: str) -> Iterator[None]:
     """Disable autocast inside (for matmuls that must stay in fp32)."""

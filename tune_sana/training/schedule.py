@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from tune_sana.config import LrSchedule
+import torch
+
+from tune_sana.config import LrSchedule, TrialConfig
 
 
 def lr_factor(schedule: LrSchedule, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -26,3 +28,10 @@ def lr_factor(schedule: LrSchedule, warmup_steps: int, total_steps: int) -> Call
         return 1.0 - progress
 
     return factor
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer,
+                 config: TrialConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The config's schedule over ``config.steps`` optimizer steps, stepped once per step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(config.lr_schedule, config.warmup_steps, config.steps))

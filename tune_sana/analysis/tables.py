@@ -1,0 +1,295 @@
+"""The report's tables, computed from loaded runs with pyarrow (``group_by``, joins, sorts; no
+Python loop over rows): the ranking, stability counts, divergence causes, several runs side by
+side, and the sections the report prints in order.
+
+Nulls in grouping keys: ``max_grad_norm`` null (clipping off) becomes ``inf`` (the clip value
+that never clips, printed as ``none``) and a null string key (``variant``) becomes ``none``, so
+that nulls group and join like any other value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tune_sana.analysis.runs import Run
+from tune_sana.config import Precision
+from tune_sana.outcomes import FINISHED, FINITE, Outcome
+from tune_sana.record.schema import CONFIG_NAMES
+
+PRECISION_ORDER = [p.value for p in Precision]
+UNKNOWN_MODULE = "(not located)"
+# Config columns shown first in the ranking, when searched or varying.
+LEADING = ("precision", "variant", "attention_fp32", "lr", "warmup_steps", "max_grad_norm")
+STABILITY_VALUES = ["trials", "diverged", "pruned", "completed", "error", "best_val"]
+
+
+@dataclass
+class Section:
+    """One printed table. ``groups`` (label, number of columns) draws a header line above the
+    column names, for tables with a block of columns per run dir."""
+
+    title: str
+    table: pa.Table
+    note: str = ""
+    groups: list[tuple[str, int]] = field(default_factory=list)
+    headers: list[str] = field(default_factory=list)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+def varying_columns(runs: Sequence[Run]) -> list[str]:
+    """Config columns searched by a run's spec or taking more than one value (null counts as a
+    value) across the finished trials of all runs: LEADING ones first, then TrialConfig's
+    order."""
+    tables = [r.trials.select(list(CONFIG_NAMES)) for r in runs]
+    both = pa.concat_tables(tables) if tables else pa.table({})
+    searched = {k for r in runs for k in r.searched}
+    out = []
+    for name in CONFIG_NAMES:
+        if name in searched or (both.num_rows and
+                                pc.count_distinct(both[name], mode="all").as_py() > 1):
+            out.append(name)
+    first = [n for n in LEADING if n in out]
+    return first + [n for n in out if n not in first]
+
+
+def _varies_within_a_run(runs: Sequence[Run], name: str) -> bool:
+    return any(r.trials.num_rows and pc.count_distinct(r.trials[name], mode="all").as_py() > 1
+               for r in runs)
+
+
+def ranking(runs: Sequence[Run], columns: Sequence[str], top: int = 10) -> pa.Table:
+    """The ``top`` trials by best validation loss (ascending; ties by trial id) among completed,
+    pruned and running ones; diverged and errored trials are left out (see ``stability``), and
+    so are trials without a best validation loss. Columns: [run,] trial_id, ``columns``,
+    best_val_loss, outcome, steps_run, wall_time_s; null ``max_grad_norm`` / ``variant`` as
+    inf / ``none``."""
+    parts = []
+    for run in runs:
+        done = run.trials.filter(pc.is_in(run.trials["outcome"], pa.array(list(FINITE))))
+        done = done.select(["trial_id", *columns, "best_val_loss", "outcome", "steps_run",
+                            "wall_time_s"])
+        for name in ("max_grad_norm", "variant"):  # null here means off / default: say so
+            if name in columns:
+                index = done.schema.get_field_index(name)
+                done = done.set_column(index, name, _key_columns(done, [name])[name])
+        live = run.running
+        live_full = pa.table({
+            name: (live[name] if name in live.column_names
+                   else pa.nulls(live.num_rows, done.schema.field(name).type))
+            for name in done.column_names if name != "outcome"
+        }).append_column("outcome", pa.array([Outcome.RUNNING.value] * live.num_rows,
+                                             pa.string()))
+        both = pa.concat_tables([done, live_full.select(done.column_names)],
+                                promote_options="permissive")
+        if len(runs) > 1:
+            both = both.add_column(0, "run", pa.array([run.label] * both.num_rows, pa.string()))
+        parts.append(both)
+    table = pa.concat_tables(parts, promote_options="permissive")
+    table = table.filter(pc.is_valid(table["best_val_loss"]))
+    return table.sort_by([("best_val_loss", "ascending"), ("trial_id", "ascending")]).slice(
+        0, top)
+
+
+def _key_columns(trials: pa.Table, by: Sequence[str]) -> pa.Table:
+    """Grouping keys without nulls (nulls never join): clip null -> inf, variant null -> none."""
+    out = {}
+    for name in by:
+        column = trials[name]
+        if name == "max_grad_norm":
+            column = pc.fill_null(column, math.inf)
+        elif pa.types.is_string(column.type):
+            column = pc.fill_null(column, "none")
+        out[name] = column
+    return pa.table(out)
+
+
+def _sort(table: pa.Table, keys: Sequence[str]) -> pa.Table:
+    """Sort by ``keys``, precision in Precision's order (fp32 first), unknown modes last."""
+    if "precision" not in keys:
+        return table.sort_by([(k, "ascending") for k in keys])
+    order = pc.fill_null(pc.index_in(table["precision"],
+                                     value_set=pa.array(PRECISION_ORDER)), len(PRECISION_ORDER))
+    tmp = table.append_column("_order", order)
+    sort = [("_order" if k == "precision" else k, "ascending") for k in keys]
+    sort.insert(keys.index("precision") + 1, ("precision", "ascending"))
+    return tmp.sort_by(sort).drop_columns(["_order"])
+
+
+def stability(run: Run, by: Sequence[str]) -> pa.Table:
+    """Per group of ``by``: trials, diverged, pruned, completed, error (int64 counts of finished
+    trials) and best_val (float64: the lowest best validation loss of a completed or pruned
+    trial in the group; null if none)."""
+    trials = run.trials
+    keys = _key_columns(trials, by)
+    outcome = trials["outcome"]
+    for name in ("diverged", "pruned", "completed", "error"):
+        keys = keys.append_column(name, pc.equal(outcome, name).cast(pa.int64()))
+    finite = pc.is_in(outcome, pa.array(list(FINITE)))
+    keys = keys.append_column("val", pc.if_else(finite, trials["best_val_loss"],
+                                                pa.scalar(None, pa.float64())))
+    keys = keys.append_column("trial_id", trials["trial_id"])
+    agg = keys.group_by(list(by)).aggregate([
+        ("trial_id", "count"), ("diverged", "sum"), ("pruned", "sum"), ("completed", "sum"),
+        ("error", "sum"), ("val", "min")])
+    agg = agg.rename_columns({"trial_id_count": "trials", "diverged_sum": "diverged",
+                              "pruned_sum": "pruned", "completed_sum": "completed",
+                              "error_sum": "error", "val_min": "best_val"})
+    return _sort(agg.select([*by, *STABILITY_VALUES]), list(by))
+
+
+def _group_median(keys: pa.Array | pa.ChunkedArray,
+                  values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """Exact median of ``values`` per key (nulls dropped): sort, then the middle of each run."""
+    table = pa.table({"key": keys, "value": values}).filter(pc.is_valid(values))
+    if table.num_rows == 0:
+        return pa.table({"key": pa.array([], keys.type), "median": pa.array([], pa.float64())})
+    table = table.sort_by([("key", "ascending"), ("value", "ascending")])
+    runs = pc.run_end_encode(table["key"].combine_chunks())
+    ends = runs.run_ends.to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    size = ends - starts
+    vals = table["value"].to_numpy().astype(np.float64)
+    median = (vals[starts + (size - 1) // 2] + vals[starts + size // 2]) / 2
+    return pa.table({"key": runs.values, "median": pa.array(median)})
+
+
+def _counts_with_median(diverged: pa.Table, key: str) -> pa.Table:
+    keys = diverged[key]
+    if key == "nonfinite_module":
+        keys = pc.fill_null(keys, UNKNOWN_MODULE)
+    else:
+        keys = pc.fill_null(keys, "unknown")
+    counts = pa.table({key: keys}).group_by(key).aggregate([([], "count_all")])
+    counts = counts.rename_columns(["diverged" if c == "count_all" else c
+                                    for c in counts.column_names])
+    medians = _group_median(keys, diverged["diverged_step"]).rename_columns(
+        [key, "median_step"])
+    joined = counts.join(medians, key, join_type="left outer")
+    return joined.select([key, "diverged", "median_step"]).sort_by(
+        [("diverged", "descending"), (key, "ascending")])
+
+
+def divergence_causes(run: Run) -> tuple[pa.Table, pa.Table, float | None]:
+    """(counts and median diverged_step by divergence_cause, the same by nonfinite_module,
+    median diverged_step of all diverged trials or None). Null causes print as ``unknown``;
+    null modules (the check did not locate a layer) as ``(not located)``."""
+    diverged = run.trials.filter(pc.equal(run.trials["outcome"], Outcome.DIVERGED.value))
+    by_cause = _counts_with_median(diverged, "divergence_cause")
+    by_module = _counts_with_median(diverged, "nonfinite_module")
+    steps = diverged["diverged_step"].drop_null()
+    median = None
+    if len(steps):
+        whole = _group_median(pa.array(np.zeros(len(steps), np.int64)), steps)
+        median = float(whole["median"][0].as_py())
+    return by_cause, by_module, median
+
+
+def side_by_side(runs: Sequence[Run], tables: Sequence[pa.Table],
+                 keys: Sequence[str]) -> tuple[pa.Table, list[tuple[str, int]]]:
+    """Full outer join of one table per run on ``keys``; run i's value columns get the prefix
+    ``i:`` (null where run i has no such row). Returns the table and its header groups (run
+    label, number of columns)."""
+    joined: pa.Table | None = None
+    groups = []
+    for i, (run, table) in enumerate(zip(runs, tables, strict=True)):
+        values = [c for c in table.column_names if c not in keys]
+        renamed = table.rename_columns([c if c in keys else f"{i}:{c}"
+                                        for c in table.column_names])
+        groups.append((run.label, len(values)))
+        joined = renamed if joined is None else joined.join(
+            renamed, list(keys), join_type="full outer", coalesce_keys=True)
+    assert joined is not None
+    ordered = list(keys) + [c for c in joined.column_names if c not in keys]
+    return _sort(joined.select(ordered), list(keys)), groups
+
+
+# --- the report's sections -------------------------------------------------------------------
+
+def _stability_sections(runs: Sequence[Run]) -> list[Section]:
+    keys = ["precision"]
+    if _varies_within_a_run(runs, "variant"):
+        keys.append("variant")
+    keys.append("lr_decade")
+    groupings = [(keys, "Stability by precision" + (" x checkpoint variant" if "variant" in keys
+                                                   else "") + " x learning-rate decade"),
+                 (["warmup_steps"], "Stability by warmup_steps"),
+                 (["max_grad_norm"], "Stability by max_grad_norm (gradient clipping)")]
+    if _varies_within_a_run(runs, "attention_fp32"):
+        groupings.append((["attention_fp32"], "Stability by attention_fp32"))
+    note = ("counts of finished trials; best_val = lowest best validation loss of a completed "
+            "or pruned trial")
+    running = sum(r.running.num_rows for r in runs)
+    if running:
+        note += f"; {running} running trial(s) not counted yet"
+    sections = []
+    for by, title in groupings:
+        tables = [stability(r, by) for r in runs]
+        if len(runs) == 1:
+            sections.append(Section(title, tables[0], note))
+        else:
+            table, groups = side_by_side(runs, tables, by)
+            sections.append(Section(title, table, note, groups,
+                                    [*by, *(STABILITY_VALUES * len(runs))]))
+    return sections
+
+
+def _cause_sections(runs: Sequence[Run]) -> list[Section]:
+    results = [divergence_causes(r) for r in runs]
+    medians = ", ".join(("" if len(runs) == 1 else f"{r.label}: ")
+                        + ("-" if m is None else f"{m:g}")
+                        for r, (_, _, m) in zip(runs, results, strict=True))
+    note = f"median diverged step: {medians}"
+    out = []
+    for idx, key, title in ((0, "divergence_cause", "Divergence causes"),
+                            (1, "nonfinite_module", "First non-finite module")):
+        tables = [res[idx] for res in results]
+        if len(runs) == 1:
+            out.append(Section(title, tables[0], note if idx == 0 else ""))
+        else:
+            table, groups = side_by_side(runs, tables, [key])
+            table = table.sort_by([(key, "ascending")])
+            out.append(Section(title, table, note if idx == 0 else "", groups,
+                               [key, *(["diverged", "median_step"] * len(runs))]))
+    return out
+
+
+def _overview(runs: Sequence[Run]) -> Section:
+    """One column per run: trial counts by outcome and the best completed trial."""
+    rows = ["trials", *FINISHED, "running", "best completed val", "best trial"]
+    columns: dict[str, list[Any]] = {"": rows}
+    for run in runs:
+        outcome = run.trials["outcome"]
+        counts = [run.trials.num_rows + run.running.num_rows]
+        counts += [pc.sum(pc.equal(outcome, o).cast(pa.int64())).as_py() or 0 for o in FINISHED]
+        counts.append(run.running.num_rows)
+        done = run.trials.filter(pc.and_(pc.equal(outcome, Outcome.COMPLETED.value),
+                                         pc.is_valid(run.trials["best_val_loss"])))
+        best = done.sort_by([("best_val_loss", "ascending"), ("trial_id", "ascending")])
+        if best.num_rows:
+            counts += [f"{best['best_val_loss'][0].as_py():.4g}", best["trial_id"][0].as_py()]
+        else:
+            counts += ["-", "-"]
+        columns[run.label] = [str(c) for c in counts]
+    return Section("Runs", pa.table(columns))
+
+
+def build_sections(runs: Sequence[Run], top: int = 10) -> list[Section]:
+    """Every table of the report, in print order."""
+    columns = varying_columns(runs)
+    rank = ranking(runs, columns, top)
+    sections = [_overview(runs)]
+    sections.append(Section(
+        f"Top {min(top, rank.num_rows)} trials by best validation loss", rank,
+        "completed, pruned and running trials; diverged and errored ones are in the "
+        "stability tables; config columns: the ones searched or varying"))
+    sections += _stability_sections(runs)
+    sections += _cause_sections(runs)
+    return sections
