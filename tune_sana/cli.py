@@ -12,8 +12,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tune_sana.config import UserError, build_config, parse_overrides, read_yaml_mapping
 from tune_sana.engine import relay, sweep
 from tune_sana.outcomes import Outcome
@@ -85,6 +83,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from tune_sana.engine import space
+    from tune_sana.record.readers import read_spec
     from tune_sana.record.schema import SPEC_FILE
     from tune_sana.record.storage import Location, is_uri
 
@@ -94,15 +93,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not spec_file.is_file():
         raise UserError(f"{run_dir}: not a tune-sana run (no {SPEC_FILE}); "
                         "pass the folder that tune-sana sweep printed")
-    if run_dir.is_local:
-        spec = space.load(spec_file.path)
-    else:
-        try:
-            raw = yaml.safe_load(spec_file.read_text())
-        except yaml.YAMLError:
-            raise UserError(f"{spec_file}: malformed YAML; restore the file the sweep wrote"
-                            ) from None
-        spec = space.parse_spec(raw if isinstance(raw, dict) else {}, source=str(spec_file))
+    spec = space.parse_spec(read_spec(run_dir), source=str(spec_file))
     args.name, args.storage = run_dir.name, run_dir.parent.text
     return _finish_sweep(sweep.run(spec, _sweep_options(args, True), spec_name=run_dir.name))
 

@@ -26,6 +26,7 @@ from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.engine import preflight, relay
 from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec, max_t
 from tune_sana.outcomes import Outcome
+from tune_sana.record.readers import read_spec
 from tune_sana.record.schema import SPEC_FILE
 from tune_sana.record.storage import Location, is_uri
 
@@ -194,7 +195,7 @@ def check_resumable(run_dir: str | os.PathLike[str], spec: SweepSpec) -> None:
     saved = Location.of(run_dir) / SPEC_FILE
     if not saved.is_file():
         raise UserError(f"--resume: {run_dir} is not a tune-sana run (no {SPEC_FILE})")
-    before = yaml.safe_load(saved.read_text())
+    before = read_spec(run_dir)
     now = yaml.safe_load(spec.to_yaml())
     if before != now:
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
