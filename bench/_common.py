@@ -175,7 +175,7 @@ class SweepRun:
 
 
 def run_tune_sana(spec: dict[str, Any], storage: Path, name: str) -> SweepRun:
-    """Run ``spec`` (a space file's mapping) through tune_sana.sweep.run, exactly as
+    """Run ``spec`` (a space file's mapping) through tune_sana.engine.sweep.run, exactly as
     ``tune-sana sweep`` does, and read its Parquet record back."""
     from tune_sana.engine.space import parse_spec
     from tune_sana.engine.sweep import SweepOptions, run

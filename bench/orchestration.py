@@ -12,8 +12,9 @@ local Ray, the trial program reporting a row every step on both sides:
 
   plain:     Ray Tune alone: Tuner + grid search + FIFO, a trainable that hands every row to
              tune.report, no stopper, no recorder.
-  tune-sana: tune_sana.sweep.run (sanitised rows relayed to Ray in batches (tune_sana/relay.py:
-             evaluations, verdicts and checkpoints at once, other rows at least every second),
+  tune-sana: tune_sana.engine.sweep.run (sanitised rows relayed to Ray in batches
+             (tune_sana/engine/relay.py: evaluations, verdicts and checkpoints at once,
+             other rows at least every second),
              divergence stopper, Parquet recorder).
 
 Figures per side:

@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/report_speed.py [--trials 1000] [--steps 1430]
 
-One run generates one random sweep (tests/synthetic.py: --trials trials of up to --steps steps,
-one history row per step, val loss every --eval-every steps; about half the trials diverge
+One run generates one random sweep (tune_sana/testing/sweeps.py: --trials trials of up to
+--steps steps, one history row per step, val loss every --eval-every steps; about half the
+trials diverge
 and some are pruned, so they stop early: the defaults give ~1.0M history rows, the issue's
 1,000 trials x 1,000 steps) and writes it twice from the same arrays:
   ours: <work>/ours/ (trials.parquet + history/ part files of --flush-rows rows, the
@@ -12,8 +13,9 @@ and some are pruned, so they stop early: the defaults give ~1.0M history rows, t
         (Trial.get_json_state of real Trial objects) and per trial params.json, result.json
         (one JSON line per reported result, with Ray's auto-filled keys) and progress.csv.
 Then it times
-  ours:   tune_sana.report.report([run dir]) in-process (first call, and the median of
-          --repeat calls), tune_sana.best.best_trial, and `tune-sana report` as a subprocess;
+  ours:   tune_sana.analysis.report.report([run dir]) in-process (first call, and the median of
+          --repeat calls), tune_sana.analysis.best.best_trial, and `tune-sana report` as a
+          subprocess;
   Ray:    ray.tune.ExperimentAnalysis(path) (it parses every trial's result.json into a
           DataFrame) + the same best-trial answer from those DataFrames (lowest val_loss among
           trials whose last result says completed): in-process without Ray's import time

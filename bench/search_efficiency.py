@@ -12,7 +12,7 @@ get there. Per searcher seed, on one local Ray at concurrency 2:
 
   random:    plain Ray Tune random search (tune.loguniform, seeded), FIFO, no stopper: every trial
              runs its 40 steps, NaN included.
-  tune-sana: tune_sana.sweep.run with TPE (DivergenceAwareOptunaSearch), ASHA (grace 10,
+  tune-sana: tune_sana.engine.sweep.run with TPE (DivergenceAwareOptunaSearch), ASHA (grace 10,
              reduction factor 3) and the divergence stopper.
 Both get the same budget of --trials trials.
 

@@ -12,8 +12,9 @@ on val_loss, the same TPE seed and startup trials (n_startup_trials as tune-sana
   stock:     plain Ray Tune: Tuner + ray.tune.search.optuna.OptunaSearch + ASHAScheduler, the
              trial reporting what it computes (NaN included), TPESampler(seed, n_startup_trials)
              with Optuna's defaults otherwise.
-  tune-sana: tune_sana.sweep.run with search.algorithm optuna (DivergenceAwareOptunaSearch with
-             tune-sana's TPE settings: a quarter of the finished trials modelled as good; the
+  tune-sana: tune_sana.engine.sweep.run with search.algorithm optuna (DivergenceAware-
+             OptunaSearch with tune-sana's TPE settings: a quarter of the finished trials modelled
+             as good; the
              engine's stopper and sanitised reports).
 
 A trial is diverged when its lr is above the threshold (true by construction of the trial, and
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for seed in seeds:
             spec = _space(args, seed)
             parsed = parse_spec(spec, "bench")
-            startup = min(8, max(2, args.trials // 3))  # as tune_sana.search.build_searcher
+            startup = min(8, max(2, args.trials // 3))  # as tune_sana.engine.search.build_searcher
             searcher = OptunaSearch(
                 space=optuna_space(parsed), metric="val_loss", mode="min",
                 sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup))

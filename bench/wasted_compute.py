@@ -12,8 +12,9 @@ same ASHA (on val_loss, grace --grace, reduction factor 3), one CPU per trial:
              batches, noise, precision policy, AdamW, schedule; the flow loss, the same clipping)
              that reports train_loss, grad_norm and val_loss each step as it computes them, NaN
              included: no health checks.
-  tune-sana: tune_sana.sweep.run with the same grid, ASHA and resources (trials/sana_finetune.py
-             with its health checks, the engine's stopper and divergence-aware record).
+  tune-sana: tune_sana.engine.sweep.run with the same grid, ASHA and resources
+             (trials/sana_finetune.py with its health checks, the engine's stopper and
+             divergence-aware record).
 
 Both loops draw the same batches, noise and timesteps from the same seed and clip with the same
 function, so a configuration follows the same trajectory on both sides. A trial's divergence
