@@ -44,7 +44,12 @@ def test_only_the_notice_is_dropped_and_only_while_the_embedded_ray_starts() -> 
         def emit(self, record: logging.LogRecord) -> None:
             seen.append(record.getMessage())
 
+    # Other tests start Ray, which may raise the level of, or disable, loggers under "ray":
+    # this test is about the filter only, so the logger is opened for the duration.
     handler = Keep()
+    level, disabled = logger.level, logger.disabled
+    logger.setLevel(logging.DEBUG)
+    logger.disabled = False
     logger.addHandler(handler)
     try:
         with sweep._without_auth_notice():
@@ -53,5 +58,7 @@ def test_only_the_notice_is_dropped_and_only_while_the_embedded_ray_starts() -> 
         logger.warning(f"{NOTICE}. After start.")
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.disabled = disabled
     assert seen == ["Token authentication is disabled for this Ray cluster.",
                     f"{NOTICE}. After start."]
