@@ -60,7 +60,7 @@ def plain_trainable(config: dict[str, Any], every: int = 1) -> None:
 
     def report(row: dict[str, Any]) -> None:
         pending.append(float(row.get("step_time_s") or 0.0))
-        if len(pending) >= every or row["step"] + 1 >= cfg.steps or "outcome" in row:
+        if len(pending) >= every or row["step"] >= cfg.steps or "outcome" in row:
             tune.report({**row, "step_time_s": sum(pending), "rows": len(pending)})
             pending.clear()
 

@@ -137,7 +137,7 @@ def ray_best(exp_dir: Path) -> tuple[str, float, float]:
     for trial_id, df in analysis.trial_dataframes.items():
         if df.empty or df["outcome"].iloc[-1] != "completed":
             continue
-        val = float(df["val_loss"].min())
+        val = float(df.loc[df["step"] > 0, "val_loss"].min())  # step 0 is the base
         if val < best_val or (val == best_val and trial_id < best_id):
             best_id, best_val = trial_id, val
     return best_id, loaded, time.perf_counter() - t0

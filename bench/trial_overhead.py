@@ -10,7 +10,9 @@ end (their final validation losses must match: checked):
   trial: trials/sana_finetune.run with its health checks (loss and grad-norm finiteness before
          each step, parameter norm after, spike detector, loss-scale floor), a row built and
          reported every step to a no-op list append;
-  bare:  forward, backward, clip, AdamW step, scheduler step; no checks, no .item(), no rows.
+  bare:  forward, backward, clip, AdamW step, scheduler step; no checks, no .item(), no rows
+         (the same evaluations as the trial: the base's and the final validation and retain
+         losses).
 
 The timing helpers are bench/health_overhead.py's (the same comparison, one precision, written
 for the health-check issue): each side is timed from its model being ready to the end of its
@@ -42,7 +44,7 @@ def measure(config: Any, rounds: int) -> dict[str, Any]:
         for side in ("trial", "bare") if round_ % 2 == 0 else ("bare", "trial"):
             if side == "trial":
                 (seconds, cpu_s), val, reported = time_trial(config)
-                assert reported == config.steps, reported
+                assert reported == config.steps + 1, reported  # + the base row (step 0)
             else:
                 (seconds, cpu_s), val = time_bare(config)
             wall[side].append(seconds)

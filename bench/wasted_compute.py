@@ -62,7 +62,7 @@ def bare_trainable(config: dict[str, Any]) -> None:
 
     cfg = build_config(config, source="bench config")
     parts = sana_finetune.setup(cfg)
-    for step in range(cfg.steps):
+    for step in range(1, cfg.steps + 1):  # a step counts updates, as the trial's rows do
         loss = parts.loss(parts.next_batch())
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scaler.scale(loss).backward()
@@ -73,7 +73,7 @@ def bare_trainable(config: dict[str, Any]) -> None:
         parts.scheduler.step()
         row: dict[str, Any] = {"step": step, "train_loss": float(loss),
                                "grad_norm": float(gnorm)}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if step % cfg.eval_every == 0 or step == cfg.steps:
             row["val_loss"] = parts.validation()
         tune.report(row)
 
@@ -153,13 +153,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    and trow["divergence_cause"] in NONFINITE_CAUSES else None)
         onsets = [x for x in (p_onset, o_onset) if x is not None]
         onset = min(onsets) if onsets else None
-        p_last = max((int(r["step"]) for r in prows), default=-1)
-        o_last = max((int(r["step"]) for r in ours_hist.get(trow["trial_id"], [])), default=-1)
+        p_last = max((int(r["step"]) for r in prows), default=0)
+        o_last = max((int(r["step"]) for r in ours_hist.get(trow["trial_id"], [])), default=0)
         p_vals = [r["val_loss"] for r in prows if "val_loss" in r]
         per_trial.append({
             "precision": trow["precision"], "lr": trow["lr"], "onset": onset,
             "plain_onset": p_onset, "tune_sana_onset": o_onset,
-            "plain_steps": p_last + 1, "tune_sana_steps": o_last + 1,
+            "plain_steps": p_last, "tune_sana_steps": o_last,
             "plain_after_onset": max(0, p_last - onset) if onset is not None else 0,
             "tune_sana_after_onset": max(0, o_last - onset) if onset is not None else 0,
             "tune_sana_outcome": trow["outcome"], "cause": trow["divergence_cause"],
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "stopped_while_finite": trow["outcome"] == DIVERGED and onset is None,
             # a non-finite step the plain run came back from (GradScaler skipped it)
             "plain_recovered": p_onset is not None and bool(p_vals)
-            and not c.nonfinite(p_vals[-1]) and p_last + 1 == args.steps,
+            and not c.nonfinite(p_vals[-1]) and p_last == args.steps,
         })
 
     diverged = [t for t in per_trial if t["onset"] is not None]

@@ -12,13 +12,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tune_sana.analysis.best import best_trial
+from tune_sana.analysis.best import best_config, best_trial
 from tune_sana.analysis.runs import effective_configs, load_run
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.engine.export import trial_config, trial_row
 from tune_sana.record.readers import RunSpec, read_run_spec, read_spec
 from tune_sana.record.schema import CONFIG_NAMES, SPEC_FILE, TRIALS_FILE
-from tune_sana.testing.sweeps import FIXED, Synth, write_small_sweep, write_sweep
+from tune_sana.testing.sweeps import (
+    FIXED,
+    Synth,
+    write_confirmed_sweep,
+    write_small_sweep,
+    write_sweep,
+)
 
 # precision fixed (not TrialConfig's default fp32), the spike check fixed off (a fixed null),
 # lr and max_grad_norm searched, max_grad_norm with a null choice (clipping off).
@@ -151,3 +157,17 @@ def test_analysis_modules_never_import_the_report() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             assert not any(n.startswith("tune_sana.analysis.report")
                            for n in _imported(node)), path
+
+
+def test_confirm_replicas_differ_in_seed_and_best_prints_the_search_trial(tmp_path: Path) -> None:
+    # replicas record their fresh seed; the search trial ran with the fixed/default one, and
+    # its config is what `tune-sana best` prints for the confirmed winner
+    run_dir = write_confirmed_sweep(tmp_path / "run")
+    trials = load_run(run_dir).trials
+    seeds = dict(zip(trials["trial_id"].to_pylist(), trials["seed"].to_pylist(), strict=True))
+    assert (seeds["t01"], seeds["t13"], seeds["t14"]) == (0, 101, 102)
+    trial_id, config, _ = best_config(run_dir)
+    assert trial_id == "t01" and "seed" not in config  # default: not printed
+    assert build_config(config) == trial_config(run_dir, trial_row(run_dir, "t01"))
+    replica = trial_config(run_dir, trial_row(run_dir, "t13"))
+    assert replica == build_config({**config, "seed": 101})

@@ -33,6 +33,8 @@ TINY: dict[str, list[str]] = {
                        "--concurrency", "1"],
     "orchestration": ["--model", "sana-tiny", "--trials", "2", "--steps", "4",
                       "--concurrency", "1"],
+    "demo_finetune": ["--model", "sana-tiny", "--steps", "4", "--lrs", "1e-3,1e-2",
+                      "--seeds", "0,1", "--draws-seeds", "3"],
 }
 FIELDS: dict[str, set[str]] = {
     "trial_overhead": {"worst_ratio", "worst_cpu_ratio", "modes", "target_met"},
@@ -44,6 +46,8 @@ FIELDS: dict[str, set[str]] = {
                        "tune_sana_wall_s", "target_met"},
     "orchestration": {"tune_sana_efficiency", "plain_efficiency", "tune_sana", "plain",
                       "target_met"},
+    "demo_finetune": {"base_val_loss", "improvement", "seed_spread", "separation",
+                      "low_lr_share", "high_lr_forgets_or_diverges", "val_draws", "targets"},
 }
 
 

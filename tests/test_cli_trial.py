@@ -22,12 +22,12 @@ def test_trial_prints_one_json_per_step_and_a_summary(capsys: pytest.CaptureFixt
                  *TINY]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = [json.loads(line) for line in out]
-    assert [row["step"] for row in rows] == [0, 1, 2]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3]  # step 0: the base
     assert all("outcome" not in row for row in rows[:-1])
     summary = rows[-1]
     assert summary["outcome"] == "completed" and summary["steps_run"] == 3
     assert summary["lr"] == 1e-3 and summary["ran_on"] == "cpu"
-    assert [row["val_loss"] is not None for row in rows] == [False, True, True]
+    assert [row["val_loss"] is not None for row in rows] == [True, False, True, True]
     for row in rows:
         for value in row.values():
             assert not isinstance(value, float) or math.isfinite(value)
@@ -38,7 +38,7 @@ def test_trial_reads_a_config_file(tmp_path: Path, capsys: pytest.CaptureFixture
     config.write_text("steps: 5\nlr: 1e-3\nprecision: bf16\n")
     assert main(["trial", "--config", str(config), "--set", "steps=2", *TINY]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert len(rows) == 2 and rows[-1]["outcome"] == "completed" and rows[0]["lr"] == 1e-3
+    assert len(rows) == 3 and rows[-1]["outcome"] == "completed" and rows[0]["lr"] == 1e-3
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,8 @@ def make_run(run_dir: Path, fixed: dict[str, Any], searched: dict[str, Any],
 def val_loss(model: torch.nn.Module, encoded: str, fixed: dict[str, Any]) -> float:
     config = build_config(fixed, source="test")
     validate = FixedValidation(load_data(encoded).val, config.val_batch_size, config.logit_mean,
-                               config.logit_std, config.flow_shift, torch.device("cpu"))
+                               config.logit_std, config.flow_shift, torch.device("cpu"),
+                               draws=config.val_draws)
     return validate(model, torch.float32)
 
 

@@ -86,7 +86,7 @@ def test_a_lora_trial_changes_only_the_adapter(tmp_path: Path, data: str) -> Non
     load_lora(fresh, tmp_path / "adapter")
     validate = FixedValidation(load_data(config.data).val, config.val_batch_size,
                                config.logit_mean, config.logit_std, config.flow_shift,
-                               torch.device("cpu"))
+                               torch.device("cpu"), draws=config.val_draws)
     assert validate(fresh, torch.float32) == pytest.approx(summary["final_val_loss"], rel=1e-6)
 
 

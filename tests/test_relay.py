@@ -34,7 +34,7 @@ def test_plain_steps_wait_until_the_interval_passes() -> None:
     assert len(sent) == 1 and relay.waiting == 0
     result, checkpoint = sent[0]
     assert checkpoint is None
-    assert result["step"] == 5 and result[STEPS_KEY] == 6 and result["train_loss"] == 0.5
+    assert result["step"] == 5 and result[STEPS_KEY] == 5 and result["train_loss"] == 0.5
     assert [r["step"] for r in json.loads(result[ROWS_KEY])] == [0, 1, 2, 3, 4]
 
 
@@ -46,7 +46,7 @@ def test_metric_outcome_and_checkpoint_rows_go_at_once() -> None:
     relay.add({"step": 2, "train_loss": 1.0}, checkpoint="ckpt")
     assert sent[1][1] == "ckpt" and ROWS_KEY not in sent[1][0]
     relay.add({"step": 3, "outcome": "diverged", "divergence_cause": "nonfinite_loss"})
-    assert sent[2][0]["outcome"] == "diverged" and sent[2][0][STEPS_KEY] == 4
+    assert sent[2][0]["outcome"] == "diverged" and sent[2][0][STEPS_KEY] == 3
     relay.add({"outcome": "error", "error": "ValueError: x"})  # no step: no clock key
     assert STEPS_KEY not in sent[3][0]
 
@@ -59,7 +59,7 @@ def test_a_none_metric_is_not_an_evaluation() -> None:
 
 def test_max_rows_and_every_zero() -> None:
     relay, sent, _ = make(every_s=60.0, max_rows=3)
-    for step in range(7):
+    for step in range(1, 8):  # a step counts updates done
         relay.add({"step": step})
     assert [r[STEPS_KEY] for r, _ in sent] == [3, 6] and relay.waiting == 1
     relay.flush()

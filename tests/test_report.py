@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +17,9 @@ from tune_sana.analysis.render import render_text
 from tune_sana.analysis.report import report
 from tune_sana.analysis.runs import load_run, load_runs
 from tune_sana.analysis.tables import (
+    base_losses,
     build_sections,
+    confirmed_configs,
     divergence_causes,
     ranking,
     side_by_side,
@@ -24,7 +28,13 @@ from tune_sana.analysis.tables import (
 )
 from tune_sana.cli import main
 from tune_sana.config import UserError
-from tune_sana.testing.sweeps import SECOND, SMALL, write_small_sweep, write_sweep
+from tune_sana.testing.sweeps import (
+    SECOND,
+    SMALL,
+    write_confirmed_sweep,
+    write_small_sweep,
+    write_sweep,
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +175,99 @@ def test_trials_file_of_an_older_schema_still_reads(tmp_path: Path) -> None:
     assert set(run.trials["seed"].to_pylist()) == {0}  # TrialConfig's default
     _, by_module, _ = divergence_causes(run)
     assert rows(by_module) == [("(not located)", 5, 30.0)]
+
+
+# --- the base, improvement and the confirm stage ----------------------------------------------
+
+V2_COLUMNS = ["base_val_loss", "improvement", "base_retain_loss", "final_retain_loss", "stage",
+              "config_id"]
+
+
+@pytest.fixture(scope="module")
+def confirmed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_confirmed_sweep(tmp_path_factory.mktemp("confirmed") / "confirmed")
+
+
+def _section(text: str, title: str) -> list[str]:
+    """The lines of the text section starting with ``title`` (up to the blank line)."""
+    start = text.index(title)
+    return text[start:].split("\n\n", 1)[0].splitlines()
+
+
+def test_base_printed_once_and_improvement_per_trial(sweep: Path) -> None:
+    run = load_run(sweep)
+    ranked = ranking([run], varying_columns([run]), top=4)
+    assert ranked["improvement"].to_pylist() == pytest.approx([0.80, 0.78, 0.75, 0.72])
+    assert ranked["trial_id"][3].as_py() == "t12"  # running: base and best from its history
+    live = run.running.to_pylist()[0]
+    assert (live["base_val_loss"], live["steps_run"]) == (1.0, 50)
+    assert live["best_val_loss"] == pytest.approx(0.28)
+    text = report([sweep])
+    overview = _section(text, "Runs")
+    assert any(line.split() == ["base", "val", "loss", "1"] for line in overview)
+    assert any(line.split() == ["improvement", "80.0%"] for line in overview)
+    assert "Base (the untouched model" not in text  # one base: printed once
+    top = _section(text, "Top 7 trials")
+    assert "80.0%" in top[4] and top[4].startswith("t01")
+    assert top[-1] == ("(single seed per trial: the ranking's noise is unknown; add 'search: "
+                       "{confirm: {top_k: 3, seeds: 2}}' to the space to re-run the top "
+                       "configurations with fresh seeds)")
+    assert "Confirmed configurations" not in text
+
+
+def test_a_base_that_differs_is_printed_per_precision_and_variant(tmp_path: Path) -> None:
+    trials = [replace(t, base=1.25 if t.variant == "fp16" else 1.0) for t in SMALL]
+    run = load_run(write_sweep(tmp_path / "run", trials))
+    assert rows(base_losses(run).select(["precision", "variant", "trials", "base_val"])) == [
+        ("fp32", "bf16", 2, 1.0), ("fp32", "fp16", 1, 1.25), ("fp16-amp", "bf16", 1, 1.0),
+        ("fp16-amp", "fp16", 2, 1.25), ("bf16-amp", "bf16", 3, 1.0),
+        ("bf16-amp", "fp16", 1, 1.25), ("fp16", "fp16", 2, 1.25)]
+    text = render_text(build_sections([run]))
+    assert _section(text, "Runs")[10].split() == ["base", "val", "loss", "varies", "(see",
+                                                  "Base)"]
+    assert "Base (the untouched model at step 0) by precision x checkpoint variant" in text
+
+
+def test_confirmed_configurations_with_mean_se_and_marks(confirmed_run: Path) -> None:
+    run = load_run(confirmed_run)
+    table = confirmed_configs([run], ["precision", "lr"])
+    assert table.column_names == ["config_id", "precision", "lr", "seeds", "diverged",
+                                  "mean_val", "se", "improvement", "search_val", "vs_best",
+                                  "vs_base"]
+    got = rows(table)
+    assert [r[0] for r in got] == ["t03", "t01", "t06"]
+    assert got[1][:5] == ("t01", "fp32", 3e-4, 2, 0) and got[1][8:] == (0.20, "best", "better")
+    assert got[1][5:7] == pytest.approx((0.21, 0.002))
+    assert got[0][3:5] == (2, 1) and got[0][6] is None and got[0][9:] == ("~best", "~base")
+    assert got[2][9:] == ("worse", "better")
+    text = report([confirmed_run])
+    section = _section(text, "Confirmed configurations (fresh seeds)")
+    assert section[2].split() == ["config_id", "precision", "variant", "lr", "warmup_steps",
+                                  "max_grad_norm", "seeds", "diverged", "mean_val", "se",
+                                  "improvement", "search_val", "vs_best", "vs_base"]
+    assert section[5].split() == ["t01", "fp32", "bf16", "3.00e-04", "20", "1", "2", "0",
+                                  "0.21", "0.002", "79.0%", "0.2", "best", "better"]
+    assert "not distinguishable from it" in section[-1]
+    assert "single seed per trial" not in text
+    assert "t01: 0.21 +- 0.002 (2 seeds)" in _section(text, "Runs")[-1]
+    top = _section(text, "Top 10 trials")
+    assert top[2].split()[:4] == ["trial_id", "stage", "config_id", "precision"]
+
+
+def test_a_run_of_schema_version_1_still_reports(confirmed_run: Path, tmp_path: Path) -> None:
+    # before the base and the confirm stage: no base, improvement, stage or config_id columns
+    old = tmp_path / "v1"
+    shutil.copytree(confirmed_run, old)
+    path = old / "trials.parquet"
+    pq.write_table(pq.read_table(path).drop_columns(V2_COLUMNS), path)
+    run = load_run(old)
+    assert set(run.trials["stage"].to_pylist()) == {"search"}
+    text = report([old])
+    assert "(single seed per trial: the ranking's noise is unknown;" in text
+    assert "Confirmed configurations" not in text
+    overview = _section(text, "Runs")
+    assert any(line.split() == ["base", "val", "loss", "-"] for line in overview)
+    assert "no confirm stage" in overview[-1]
+    top = _section(text, "Top 10 trials")
+    column = top[2].split().index("improvement")
+    assert top[4].split()[0] == "t01" and top[4].split()[column] == "-"  # not recorded

@@ -169,3 +169,138 @@ def test_well_typed_dimensions_pass() -> None:
     }}, "x.yaml")
     assert set(spec.space) == {"lr", "max_grad_norm", "attention_fp32", "warmup_steps", "seed",
                                "precision"}
+
+
+# --- search.confirm and search.points_to_evaluate ------------------------------------------------
+
+def _synthetic(search: dict[str, object], space_: dict[str, object] | None = None
+               ) -> dict[str, object]:
+    return {"trial": "synthetic", "search": search, "fixed": {"steps": 10},
+            "space": space_ or {"lr": {"loguniform": [1e-5, 1e-1]},
+                                "nan_from": {"choice": [None, 3]}}}
+
+
+def test_confirm_is_off_unless_given_and_takes_top_k_and_seeds() -> None:
+    assert space.parse_spec(_raw(), "x.yaml").search.confirm is None
+    assert space.parse_spec(_raw(search={"confirm": None}), "x.yaml").search.confirm is None
+    spec = space.parse_spec(_raw(search={"confirm": {"top_k": 4, "seeds": 3}}), "x.yaml")
+    assert spec.search.confirm is not None
+    assert (spec.search.confirm.top_k, spec.search.confirm.seeds) == (4, 3)
+    assert "confirm" not in space.parse_spec(_raw(), "x.yaml").to_yaml()  # old runs resume
+    quickstart = space.load(None).search.confirm
+    assert quickstart is not None and (quickstart.top_k, quickstart.seeds) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("search", "needle"),
+    [
+        ({"confirm": {"top_k": 0, "seeds": 2}}, "key 'search.confirm.top_k'"),
+        ({"confirm": {"top_k": 3, "seeds": 0}}, "key 'search.confirm.seeds'"),
+        ({"confirm": {"topk": 3}}, "unknown key 'search.confirm.topk' (did you mean 'top_k'?); "
+                                   "valid here: top_k, seeds"),
+        ({"confirm": 3}, "key 'search.confirm'"),
+    ],
+)
+def test_bad_confirm_is_one_line(search: dict[str, object], needle: str) -> None:
+    with pytest.raises(UserError) as err:
+        space.parse_spec(_raw(search=search), source="my.yaml")
+    assert str(err.value).startswith("my.yaml: ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        (_synthetic({"algorithm": "optuna", "points_to_evaluate": [{"lr": 1e-3}, {"lrr": 1e-3}]}),
+         "search.points_to_evaluate[1]: 'lrr' is not a searched key (did you mean 'lr'?); a "
+         "point sets keys under space: (lr, nan_from)"),
+        (_synthetic({"algorithm": "optuna", "points_to_evaluate": [{"steps": 5}]}),
+         "search.points_to_evaluate[0]: 'steps' is fixed, not searched; drop it"),
+        (_synthetic({"algorithm": "optuna", "points_to_evaluate": [{"lr": 0.5}]}),
+         "search.points_to_evaluate[0].lr: 0.5 is outside space.lr's loguniform range "
+         "[1e-05, 0.1]; use a value within it"),
+        (_synthetic({"algorithm": "optuna", "points_to_evaluate": [{"lr": "1e-3"}]}),
+         "points_to_evaluate[0].lr: '1e-3' is not a number"),
+        (_synthetic({"algorithm": "random", "points_to_evaluate": [{"nan_from": 4}]}),
+         "points_to_evaluate[0].nan_from: 4 is not one of space.nan_from's values (null, 3); "
+         "use one of them"),
+        (_synthetic({"algorithm": "random", "points_to_evaluate": [{}]}),
+         "search.points_to_evaluate[0]: an empty point"),
+        (_synthetic({"algorithm": "random", "num_samples": 1,
+                     "points_to_evaluate": [{"lr": 1e-3}, {"lr": 1e-2}]}),
+         "2 points but search.num_samples is 1 (the points count inside it); raise num_samples "
+         "to at least 2"),
+        (_synthetic({"algorithm": "grid", "points_to_evaluate": [{"lr": 1e-3}]},
+                    {"lr": {"grid": [1e-3, 1e-2]}}),
+         "algorithm grid runs every combination of its grid and takes no points"),
+        (_synthetic({"algorithm": "random", "points_to_evaluate": [1e-3]}),
+         "key 'search.points_to_evaluate.0'"),
+        (_raw(search={"points_to_evaluate": [{"lr": 1e-3, "precision": "fp8"}]},
+              space={"lr": {"loguniform": [1e-5, 1e-2]},
+                     "precision": {"choice": ["fp32", "bf16-amp"]}}),
+         "points_to_evaluate[0].precision: 'fp8' is not one of space.precision's values "
+         "(fp32, bf16-amp)"),
+        (_raw(search={"algorithm": "random", "points_to_evaluate": [{"warmup_steps": 2.0}]},
+              space={"warmup_steps": {"int": [0, 5]}}),
+         "points_to_evaluate[0].warmup_steps: 2.0 is not an integer"),
+        (_raw(search={"algorithm": "random", "points_to_evaluate": [{"warmup_steps": 6}]},
+              space={"warmup_steps": {"int": [0, 5]}}),
+         "6 is outside space.warmup_steps's int range [0, 5]"),
+        (_raw(search={"points_to_evaluate": [{"attention_fp32": 1}]},
+              space={"attention_fp32": {"choice": [False, True]}}),
+         "points_to_evaluate[0].attention_fp32: 1 is not true or false"),
+    ],
+)
+def test_bad_point_names_its_index_key_and_fix(raw: dict[str, object], needle: str) -> None:
+    with pytest.raises(UserError) as err:
+        space.parse_spec(raw, source="my.yaml")
+    message = str(err.value)
+    assert message.startswith("my.yaml: ") and needle in message and "\n" not in message
+
+
+def test_points_reach_the_searchers_first_as_the_dimensions_values() -> None:
+    from ray.tune.search import BasicVariantGenerator
+
+    from tune_sana.engine.search import build_searcher
+
+    points = [{"lr": 1e-3, "nan_from": 3.0}, {"nan_from": None}]
+    spec = space.parse_spec(_synthetic({"algorithm": "optuna", "num_samples": 4,
+                                        "points_to_evaluate": points}), "x.yaml")
+    resolved = space.starting_points(spec)
+    assert resolved == points and type(resolved[0]["nan_from"]) is int  # the choice's own 3
+    searcher, _ = build_searcher(spec)
+    study = searcher._ot_study  # type: ignore[attr-defined]
+    first = searcher.suggest("a")
+    second = searcher.suggest("b")
+    assert first == {"lr": 1e-3, "nan_from": 3}
+    assert second is not None and second["nan_from"] is None  # lr drawn
+    assert len(study.trials) == 2
+
+    random_spec = spec.model_copy(update={"search": spec.search.model_copy(
+        update={"algorithm": "random"})})
+    generator, _ = build_searcher(random_spec)
+    assert isinstance(generator, BasicVariantGenerator)
+    assert generator._points_to_evaluate == resolved
+
+
+@pytest.mark.parametrize(
+    ("search", "searched", "expected"),
+    [
+        ({"algorithm": "optuna", "num_samples": 5}, {"lr": {"loguniform": [1e-5, 1e-1]}}, 5),
+        ({"algorithm": "grid", "num_samples": 2},
+         {"lr": {"grid": [1e-3, 1e-2]}, "seed": {"grid": [0, 1, 2]}}, 12),
+        ({"algorithm": "random", "num_samples": 3,
+          "points_to_evaluate": [{"seed": 0}, {"lr": 1e-3}]},
+         {"lr": {"loguniform": [1e-5, 1e-1]}, "seed": {"grid": [0, 1, 2]}}, 1 + 3 + 3),
+    ],
+)
+def test_search_trials_counts_like_rays_variant_generator(
+        search: dict[str, object], searched: dict[str, object], expected: int) -> None:
+    raw = {"trial": "synthetic", "search": search, "fixed": {"steps": 10}, "space": searched}
+    spec = space.parse_spec(raw, "x.yaml")
+    assert space.search_trials(spec) == expected
+    if spec.search.algorithm != "optuna":
+        from ray.tune.search.variant_generator import _count_variants
+
+        ray_spec = {"config": space.ray_space(spec), "num_samples": spec.search.num_samples}
+        assert _count_variants(ray_spec, space.starting_points(spec)) == expected

@@ -81,8 +81,9 @@ def test_optuna_sweep_records_every_trial_once_and_tells_optuna(tmp_path: Path) 
         if row["outcome"] == "diverged":
             assert row["diverged_step"] == steps[row["trial_id"]] == 5
         if row["outcome"] == "completed":
-            assert steps[row["trial_id"]] == 29 and row["best_val_loss"] is not None
-    assert ds.dataset(run_dir / "history").count_rows() == sum(s + 1 for s in steps.values())
+            assert steps[row["trial_id"]] == 30 and row["best_val_loss"] is not None
+    # steps 1..N: the synthetic trial reports no base row
+    assert ds.dataset(run_dir / "history").count_rows() == sum(steps.values())
     assert read_metadata(run_dir / "trials.parquet")["tune_sana.schema_version"] == str(
         SCHEMA_VERSION)
     assert (run_dir / "sweep.yaml").is_file()
@@ -125,11 +126,11 @@ def test_sana_sweep_diverges_for_real_and_stops_at_the_diverged_step(tmp_path: P
     fp32 = rows["fp32"]["trial_id"]
     hist = read_history(run_dir, ["trial_id", "step", "timestamp"]).to_pylist()
     steps = [r["step"] for r in hist if r["trial_id"] == fp32]
-    assert sorted(steps) == list(range(30))
+    assert sorted(steps) == list(range(31))  # step 0: the base
     ray_results = glob.glob(str(run_dir / f"*{fp32}*" / "result.json"))
     assert len(ray_results) == 1
     n_results = len(Path(ray_results[0]).read_text().splitlines())
     assert 3 <= n_results < 30  # at least the three evaluations, fewer than one per step
     times = [r["timestamp"] for r in sorted(hist, key=lambda r: r["step"])
              if r["trial_id"] == fp32]
-    assert times == sorted(times) and len(set(times)) == 30  # each row's own time
+    assert times == sorted(times) and len(set(times)) == 31  # each row's own time

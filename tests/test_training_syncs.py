@@ -93,29 +93,34 @@ def _run_counting(monkeypatch: pytest.MonkeyPatch, config: Any,
     return counter, rows, summary
 
 
+# Each evaluation reads two losses: the validation set's and the retain set's.
+SETS = 2
+
+
 def test_fp16_amp_trial_syncs_twice_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    steps, evals = 4, 2  # eval_every=2: validation after steps 1 and 3
-    counter, rows, summary = _run_counting(
-        monkeypatch, fast_config(precision="fp16-amp", steps=steps, eval_every=2), None)
-    assert summary["outcome"] == "completed" and len(rows) == steps
-    assert [row["loss_scale"] for row in rows] == [65536.0] * steps
-    # 2 per step (the guard's), 1 per validation (its loss as a float), 1 at setup: the scaler's
-    # initial scale, a float until the first scale() makes it a tensor (no device wait even on
-    # a GPU, but counted here as a get_scale call).
-    assert counter.total() == 2 * steps + evals + 1, counter.by_caller
+    steps, evals = 4, 3  # eval_every=2: the base (step 0), then after steps 2 and 4
+    config = fast_config(precision="fp16-amp", attention_fp32=True, steps=steps, eval_every=2)
+    counter, rows, summary = _run_counting(monkeypatch, config, None)
+    assert summary["outcome"] == "completed" and len(rows) == steps + 1
+    assert [row["loss_scale"] for row in rows] == [65536.0] * (steps + 1)
+    # 2 per step (the guard's), 1 per evaluated set (its K losses in one read), 1 at setup: the
+    # scaler's initial scale, a float until the first scale() makes it a tensor (no device wait
+    # even on a GPU, but counted here as a get_scale call).
+    assert counter.total() == 2 * steps + SETS * evals + 1, counter.by_caller
     assert counter.by_caller == {"Guard.before_step": steps, "Guard.after_step": steps,
-                                 "FixedValidation.__call__": evals, "scale_on_host": 1}
+                                 "FixedValidation.__call__": SETS * evals, "scale_on_host": 1}
 
 
 def test_fp16_amp_back_offs_are_seen_without_extra_syncs(monkeypatch: pytest.MonkeyPatch) -> None:
     # inf gradients every step: GradScaler skips each step and halves its scale; the trial sees
-    # the halving in the one after-step read and diverges on the floor at step 2 (3 steps run).
-    config = fast_config(precision="fp16-amp", steps=6, eval_every=2, min_loss_scale=1e4)
+    # the halving in the one after-step read and diverges on the floor at step 3.
+    config = fast_config(precision="fp16-amp", attention_fp32=True, steps=6, eval_every=2,
+                         min_loss_scale=1e4)
     counter, rows, summary = _run_counting(
         monkeypatch, config,
-        lambda rows: _corrupt_grad_at(rows, "proj_out.weight", set(range(6)), math.inf))
-    assert summary["divergence_cause"] == "loss_scale_collapse" and summary["step"] == 2
-    assert [row["skipped"] for row in rows] == [True, True, True]
-    # 3 steps x 2, the validation after step 1, the scale read at setup; a loss-scale collapse
-    # needs no replay to say where it was seen.
-    assert counter.total() == 2 * 3 + 1 + 1, counter.by_caller
+        lambda rows: _corrupt_grad_at(rows, "proj_out.weight", set(range(1, 7)), math.inf))
+    assert summary["divergence_cause"] == "loss_scale_collapse" and summary["step"] == 3
+    assert [row["skipped"] for row in rows] == [False, True, True, True]
+    # 3 steps x 2, the base's and step 2's evaluations, the scale read at setup; a loss-scale
+    # collapse needs no replay to say where it was seen.
+    assert counter.total() == 2 * 3 + SETS * 2 + 1, counter.by_caller

@@ -4,10 +4,13 @@
 
 Takes a validated TrialConfig and a ``report(row)`` callable; never imports Ray. ``setup`` builds
 the parts (model, data, optimizer, checks), ``train`` runs the loop over them; ``run`` is both.
-Every step it reports plain floats (or None): step, train_loss, grad_norm (before clipping), lr,
-loss_scale, skipped, step_time_s, val_loss (on evaluation steps). It checks health before and
-after each optimizer step, with one host sync each; the step a trial diverges is its last, and
-its row says why and where.
+
+A step counts optimizer updates. Step 0 is the untouched base: its row holds the validation and
+retain losses before any update, so every trial knows its starting point. Steps 1..N each report
+plain floats (or None): step, train_loss, grad_norm (before clipping), lr, loss_scale, skipped,
+step_time_s, val_loss and retain_loss (on evaluation steps). Health is checked before and after
+each optimizer step, with one host sync each; the step a trial diverges is its last, and its row
+says why and where.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from tune_sana.config import TrialConfig
-from tune_sana.data.encoded import DataSplit, load_data
+from tune_sana.data.encoded import DataSplit, Encoded, load_data
 from tune_sana.device import pick_device
 from tune_sana.outcomes import Cause, Outcome, clean
 from tune_sana.training import precision as prec
@@ -55,7 +58,8 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # a pass-through except under fp16-amp
     guard: Guard
-    validate: FixedValidation
+    validate: FixedValidation  # held-out fine-tune data: the metric
+    retain: FixedValidation | None  # held-out pretraining data: forgetting (None: no such set)
     batches: Batches
     noise_gen: torch.Generator
     stats: RunStats
@@ -81,6 +85,25 @@ class Parts:
         """The fixed-seed validation loss (NaN when the model's output is not finite)."""
         return self.validate(self.model, self.policy.weight_dtype,
                              prec.autocast(self.policy, self.device))
+
+    def retention(self) -> float | None:
+        """The fixed-seed retain loss, or None when the data has no retain set."""
+        if self.retain is None:
+            return None
+        return self.retain(self.model, self.policy.weight_dtype,
+                           prec.autocast(self.policy, self.device))
+
+    def evaluate(self, row: dict[str, Any]) -> Callable[[], object] | None:
+        """Put val_loss and retain_loss into ``row``. Returns None when both are finite, else
+        the replay of the evaluation that went non-finite (for locating it)."""
+        row["val_loss"] = clean(self.validation())
+        if row["val_loss"] is None:
+            return functools.partial(self.loss, self.validate.batch)
+        if self.retain is not None:
+            row["retain_loss"] = clean(self.retention())
+            if row["retain_loss"] is None:
+                return functools.partial(self.loss, self.retain.batch)
+        return None
 
 
 def run(config: TrialConfig, report: Report,
@@ -127,8 +150,9 @@ def setup(config: TrialConfig,
         scheduler=lr_scheduler(optimizer, config),
         scaler=scaler,
         guard=Guard(config, loss_scale=prec.scale_on_host(scaler)),  # no sync yet: a float
-        validate=FixedValidation(data.val, config.val_batch_size, config.logit_mean,
-                                 config.logit_std, config.flow_shift, device),
+        validate=_fixed_validation(data.val, config, device),
+        retain=_fixed_validation(data.retain, config, device) if data.retain is not None
+        else None,
         batches=Batches(data.train, config.batch_size, seed=config.seed),
         noise_gen=torch.Generator().manual_seed(config.seed),
         stats=RunStats(config, policy, device, n_params=sum(p.numel() for p in params)),
@@ -136,15 +160,24 @@ def setup(config: TrialConfig,
 
 
 def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) -> dict[str, Any]:
-    """Run the loop from step 0, or from ``checkpoint``'s latest save when there is one.
+    """Evaluate the base (step 0), then run steps 1..N; or go on from ``checkpoint``'s latest
+    save when there is one (its base already known).
 
     Reports every step's row but the last; the last step's row carries the summary, which is
     reported and returned. Two host syncs per step: the guard's, before and after the step.
     """
     p, config = parts, parts.config
     start = _resume(p, checkpoint)
-    row: dict[str, Any] = {}
-    for step in range(start, config.steps):
+    if start == 0:
+        row = _base_row(p)
+        replay = p.evaluate(row)
+        if replay is not None:  # the base itself gives a non-finite loss in this precision
+            return _diverged(p, report, 0, Cause.NONFINITE_METRIC, row, replay)
+        p.stats.record_base(row)
+        report(row)
+        start = 1
+    row = {}
+    for step in range(start, config.steps + 1):
         started = time.perf_counter()
         lr = float(p.scheduler.get_last_lr()[0])
         batch = p.next_batch()
@@ -176,22 +209,22 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
         if finding.verdict is Verdict.DIVERGED:
             return _diverged(p, report, step, finding.cause, row, lambda: None)
 
-        if _due(step, config.eval_every) or step + 1 == config.steps:
-            row["val_loss"] = clean(p.validation())
-            if row["val_loss"] is None:
-                replay = functools.partial(p.loss, p.validate.batch)
+        if _due(step, config.eval_every) or step == config.steps:
+            replay = p.evaluate(row)
+            if replay is not None:
                 return _diverged(p, report, step, Cause.NONFINITE_METRIC, row, replay)
         p.stats.record(row, skipped)
-        if step + 1 < config.steps:
+        if step < config.steps:
             if checkpoint is not None and _due(step, config.checkpoint_every):
                 checkpoint.save(functools.partial(p.state.write, next_step=step + 1))
             report(row)
 
-    return p.stats.finish(report, config.steps - 1, Outcome.COMPLETED, {}, row=row)
+    return p.stats.finish(report, config.steps, Outcome.COMPLETED, {}, row=row)
 
 
 def _resume(parts: Parts, checkpoint: Checkpointer | None) -> int:
-    """The step to start from: 0, or where a retried trial's latest checkpoint left off."""
+    """The step to start from: 0 (the base first), or where a retried trial's latest checkpoint
+    left off."""
     saved = checkpoint.restore() if checkpoint is not None else None
     if saved is None:
         return 0
@@ -209,10 +242,22 @@ def _diverged(parts: Parts, report: Report, step: int, cause: Cause | None,
 
 
 def _due(step: int, every: int | None) -> bool:
-    return every is not None and (step + 1) % every == 0
+    return every is not None and step % every == 0
 
 
-def _row(step: int, loss: float, gnorm: float, lr: float, loss_scale: float | None,
+def _fixed_validation(data: Encoded, config: TrialConfig, device: torch.device
+                      ) -> FixedValidation:
+    return FixedValidation(data, config.val_batch_size, config.logit_mean, config.logit_std,
+                           config.flow_shift, device, draws=config.val_draws)
+
+
+def _base_row(parts: Parts) -> dict[str, Any]:
+    """Step 0's row: the base before any update (no training loss: no batch was trained on)."""
+    return _row(0, None, None, float(parts.scheduler.get_last_lr()[0]), parts.guard.loss_scale,
+                False, time.perf_counter())
+
+
+def _row(step: int, loss: float | None, gnorm: float | None, lr: float, loss_scale: float | None,
          skipped: bool, started: float) -> dict[str, Any]:
     return {
         "step": step,
@@ -223,4 +268,5 @@ def _row(step: int, loss: float, gnorm: float, lr: float, loss_scale: float | No
         "skipped": bool(skipped),
         "step_time_s": time.perf_counter() - started,
         "val_loss": None,
+        "retain_loss": None,
     }

@@ -41,7 +41,7 @@ def run(config: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> dic
     speed = math.exp(-abs(math.log10(lr) - math.log10(1e-3)))
     diverges_at = 5 if lr > cfg["diverge_above"] else cfg["nan_from"]
     row: dict[str, Any] = {}
-    for step in range(cfg["steps"]):
+    for step in range(1, cfg["steps"] + 1):  # a step counts updates done
         if cfg["step_seconds"]:
             time.sleep(cfg["step_seconds"])
         if cfg["allocate_gb"] is not None and step == 2:
@@ -52,9 +52,9 @@ def run(config: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> dic
         if diverges_at is not None and step >= diverges_at:
             loss = float("nan")
         row = {"step": step, "train_loss": loss}
-        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
+        if step % cfg["eval_every"] == 0 or step == cfg["steps"]:
             row["val_loss"] = loss
-        if step + 1 == cfg["steps"]:
+        if step == cfg["steps"]:
             row["outcome"] = Outcome.COMPLETED.value
         report(row)
     return row

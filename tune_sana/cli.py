@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tune_sana.config import UserError, build_config, parse_overrides, read_yaml_mapping
+from tune_sana.config import (
+    DEMO_BASE,
+    UserError,
+    build_config,
+    parse_overrides,
+    read_yaml_mapping,
+)
 from tune_sana.engine import relay, sweep
 from tune_sana.outcomes import Outcome
 
@@ -27,7 +33,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     values.update(parse_overrides(args.set))
     config = build_config(values, source=args.config or "--set")
     config = _prepared(config)
-    if config.model == "demo-base":
+    if config.model == DEMO_BASE:
         ensure_demo_base()
 
     def report(row: dict[str, Any]) -> None:
@@ -165,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     trial.set_defaults(func=cmd_trial)
 
     base = sub.add_parser("make-base", help="build the tiny pretrained demo base checkpoint")
-    base.add_argument("--out", help="folder to write (default: $TUNE_SANA_HOME/demo-base)")
+    base.add_argument("--out", help="folder to write (default: $TUNE_SANA_HOME/demo-base-v<N>, "
+                      "N the demo base's version)")
     base.add_argument("--steps", type=int, default=1500, help="pretraining steps")
     base.add_argument("--force", action="store_true", help="rebuild even if it exists")
     base.set_defaults(func=cmd_make_base)
@@ -198,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--html", metavar="FILE", help="write one self-contained HTML page")
     rep.set_defaults(func=cmd_report)
 
-    best = sub.add_parser("best", help="the best completed trial's config, for trial --config")
+    best = sub.add_parser("best", help="the best configuration (the best confirmed mean when "
+                          "the run has a confirm stage), for trial --config")
     best.add_argument("run_dir")
     best.add_argument("--format", choices=["yaml", "json"], default="yaml")
     best.set_defaults(func=cmd_best)

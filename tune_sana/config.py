@@ -110,6 +110,9 @@ class TrialConfig(BaseModel):
         "trial whose process dies is retried from it); null = never"
     )
     val_batch_size: int = Field(32, ge=1, description="held-out samples in the fixed val batch")
+    val_draws: int = Field(
+        4, ge=1, description="fixed draws of noise and timesteps the validation loss averages"
+    )
     on_nonfinite: OnNonfinite = OnNonfinite.STOP
     max_skips: int = Field(0, ge=0, description="non-finite steps skipped before diverging")
     loss_spike_factor: float | None = Field(

@@ -30,6 +30,15 @@ TRIAL_VERDICTS: tuple[str, ...] = (Outcome.COMPLETED.value, Outcome.DIVERGED.val
                                    Outcome.ERROR.value)
 
 
+class Stage(str, enum.Enum):
+    """Which part of a sweep ran a trial: the search, or the confirm stage that re-runs the
+    top configurations with fresh seeds (a row without a stage was written before stages
+    existed: a search trial)."""
+
+    SEARCH = "search"
+    CONFIRM = "confirm"
+
+
 class Cause(str, enum.Enum):
     """Why a trial diverged."""
 

@@ -2,10 +2,13 @@
 
 - ``stability_map.png``: learning rate (log axis) against best validation loss, one marker and
   colour per precision mode; pruned trials hollow; diverged trials as a red x at their last
-  finite validation loss (read from history), or on the top edge if they never had one.
-  One panel per run dir.
+  finite validation loss after an update (read from history), or on the top edge if they never
+  had one. The base (the untouched model's validation loss) is a dashed line labelled "base":
+  one line when all trials share it, else one per precision mode in its colour. One panel
+  per run dir.
 - ``curves.png``: validation loss against step for the top trials, and for the diverged trials
-  that looked best, up to their divergence. One row per run dir.
+  that looked best, up to their divergence; curves start at the step-0 row (the base), which
+  is also drawn as a line. One row per run dir.
 - ``causes.png``: diverged trials by cause and by first non-finite module, one bar per run dir.
 """
 
@@ -40,14 +43,15 @@ LINE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"
 
 
 def last_finite_val(run: Run, trial_ids: Sequence[str]) -> pa.Table:
-    """trial_id, last_val (float64: the val_loss of the highest step where it is finite) and
-    last_step, for those of ``trial_ids`` with any finite val_loss (history holds no NaN)."""
+    """trial_id, last_val (float64: the val_loss of the highest step after the base's where it
+    is finite) and last_step, for those of ``trial_ids`` with any finite val_loss after step 0
+    (history holds no NaN)."""
     if not trial_ids:
         return pa.table({"trial_id": pa.array([], pa.string()),
                          "last_val": pa.array([], pa.float64()),
                          "last_step": pa.array([], pa.int64())})
     hist = read_history(run.path, ["trial_id", "step", "val_loss"], trial_ids=list(trial_ids))
-    hist = hist.filter(pc.is_valid(hist["val_loss"]))
+    hist = hist.filter(pc.and_(pc.is_valid(hist["val_loss"]), pc.greater(hist["step"], 0)))
     hist = hist.sort_by([("trial_id", "ascending"), ("step", "ascending")])
     agg = hist.group_by("trial_id", use_threads=False).aggregate(
         [("val_loss", "last"), ("step", "max")])
@@ -55,7 +59,8 @@ def last_finite_val(run: Run, trial_ids: Sequence[str]) -> pa.Table:
 
 
 def _curves(run: Run, trial_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """trial id -> (steps, val losses) where val_loss is finite, read for these trials only."""
+    """trial id -> (steps, val losses) where val_loss is finite, read for these trials only;
+    from step 0 (the base) on."""
     if not trial_ids:
         return {}
     hist = read_history(run.path, ["trial_id", "step", "val_loss"], trial_ids=list(trial_ids))
@@ -80,6 +85,39 @@ def _log_y_if_wide(ax: object, values: np.ndarray) -> None:
     finite = values[np.isfinite(values) & (values > 0)]
     if finite.size and finite.max() / finite.min() > 20:
         ax.set_yscale("log")  # type: ignore[attr-defined]
+
+
+# --- the base --------------------------------------------------------------------------------
+
+BASE_COLOUR = "#555555"
+
+
+def base_lines(trials: pa.Table) -> pa.Table:
+    """precision, base (float64): the mean base_val_loss per precision mode of ``trials``
+    (modes without one left out), or one row with a null precision when every trial's base
+    prints the same (4 significant digits)."""
+    known = trials.filter(pc.is_valid(trials["base_val_loss"]))
+    low, high = pc.min(known["base_val_loss"]).as_py(), pc.max(known["base_val_loss"]).as_py()
+    if low is None:
+        return pa.table({"precision": pa.array([], pa.string()),
+                         "base": pa.array([], pa.float64())})
+    if f"{low:.4g}" == f"{high:.4g}":
+        return pa.table({"precision": pa.nulls(1, pa.string()),
+                         "base": [pc.mean(known["base_val_loss"]).as_py()]})
+    agg = known.group_by("precision").aggregate([("base_val_loss", "mean")])
+    return agg.rename_columns(["precision", "base"]).sort_by("precision")
+
+
+def _draw_base(ax: Any, trials: pa.Table) -> list[float]:
+    """Dashed base line(s) of ``trials`` on ``ax``, labelled 'base' (or 'base <precision>' in
+    the precision's colour); returns the values drawn."""
+    lines = base_lines(trials)
+    for precision, value in zip(lines["precision"].to_pylist(), lines["base"].to_pylist(),
+                                strict=True):
+        colour = BASE_COLOUR if precision is None else COLOURS.get(precision, BASE_COLOUR)
+        ax.axhline(value, linestyle="--", linewidth=1.1, color=colour, zorder=2,
+                   label="base" if precision is None else f"base {precision}")
+    return [float(v) for v in lines["base"].to_pylist()]
 
 
 # --- stability map ---------------------------------------------------------------------------
@@ -162,6 +200,7 @@ def stability_map(runs: Sequence[Run]) -> Figure:
         fig = Figure(figsize=(6.4 * len(runs) + 1.0, 5.2), layout="constrained")
         grid = fig.subplots(1, len(runs), sharex=True, sharey=True, squeeze=False)
     edge_total = 0
+    bases: list[float] = []
     for r, (run, pts) in enumerate(zip(runs, points, strict=True)):
         panels = ([(grid[r][c], [p]) for c, p in enumerate(precisions)] if facet
                   else [(grid[0][r], precisions)])
@@ -169,6 +208,9 @@ def stability_map(runs: Sequence[Run]) -> Figure:
         for ax, shown in panels:
             mine = pts.filter(pc.is_in(pts["precision"], pa.array(shown)))
             on_edge += _draw_points(ax, mine, shown, facet)
+            drawn = _draw_base(ax, run.trials.filter(pc.is_in(run.trials["precision"],
+                                                              pa.array(shown))))
+            bases.extend(drawn)
             ax.set_xscale("log")
             ax.grid(True, which="major", alpha=0.3)
             if facet:
@@ -183,7 +225,7 @@ def stability_map(runs: Sequence[Run]) -> Figure:
     for row in grid:
         row[0].set_ylabel("best validation loss\n(diverged: last finite value)")
     every_y = np.concatenate([p["y"].to_numpy(zero_copy_only=False) for p in points]
-                             or [np.array([])]).astype(float)
+                             + [np.array(bases)]).astype(float)
     if every_y.size:
         _log_y_if_wide(grid[0][0], every_y)
     handles = [Line2D([], [], marker=MARKERS[p], color=COLOURS[p], linestyle="",
@@ -193,6 +235,9 @@ def stability_map(runs: Sequence[Run]) -> Figure:
                 Line2D([], [], marker="x", color=DIVERGED, linestyle="", markersize=8,
                        markeredgewidth=2,
                        label="diverged: red x in\nits precision's shape,\nat last finite val")]
+    if bases:
+        handles.append(Line2D([], [], color=BASE_COLOUR, linestyle="--",
+                              label="base (step 0,\nbefore any update)"))
     fig.legend(handles=handles, loc="outside right center", title="precision / outcome",
                fontsize=9)
     title = "Stability map: learning rate vs validation loss, by precision mode"
@@ -249,9 +294,11 @@ def curves(runs: Sequence[Run], top: int = 8) -> Figure:
                   (right, f"diverged trials up to divergence ({shown}; x = last finite value)",
                    div_ids, f"{no_curve} diverged before their first validation: no curve"
                    if no_curve else "no trial diverged"))
+        bases: list[float] = []
         for ax, title, ids, empty in panels:
+            bases = _draw_base(ax, run.trials)
             ax.set_title(f"{run.label}\n{title}", fontsize=10)
-            ax.set_xlabel("training step")
+            ax.set_xlabel("step (optimizer updates; 0 = the base, before any)")
             ax.set_xlim(left=0)
             ax.set_ylabel("validation loss")
             ax.grid(True, alpha=0.3)
@@ -263,7 +310,7 @@ def curves(runs: Sequence[Run], top: int = 8) -> Figure:
                         ha="center", va="center" if not ids else "bottom",
                         transform=ax.transAxes, fontsize=11 if not ids else 8, color="grey")
         if every:
-            joined = np.concatenate(every)
+            joined = np.concatenate([*every, np.array(bases)])
             _log_y_if_wide(left, joined)
             _log_y_if_wide(right, joined)
     fig.suptitle("Validation-loss curves")

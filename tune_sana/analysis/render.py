@@ -1,7 +1,8 @@
 """The report's sections as text (aligned columns) or as one self-contained HTML page.
 
 Cells: null prints as ``-``; ``max_grad_norm`` inf (clipping off) as ``none``; an lr decade
-``d`` as ``1e{d}..1e{d+1}``; lr in scientific notation; other floats with 4 significant digits.
+``d`` as ``1e{d}..1e{d+1}``; lr in scientific notation; ``improvement`` as a percentage; other
+floats with 4 significant digits. A note prints one line per line of text.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def _formatter(name: str) -> Callable[[Any], str]:
             return "none"
         if base == "lr":
             return f"{value:.2e}"
+        if base == "improvement":
+            return f"{100 * value:.1f}%"
         if base in ("wall_time_s", "median_step"):
             return f"{value:.1f}" if base == "wall_time_s" else f"{value:g}"
         if isinstance(value, bool):
@@ -89,8 +92,7 @@ def _text_block(section: Section) -> str:
         lines.append("(none)")
     for r in range(section.table.num_rows):
         lines.append(_join_line([col[r] for col in cols], widths, numeric, spans))
-    if section.note:
-        lines.append(f"({section.note})")
+    lines += [f"({line})" for line in section.note.splitlines()]
     return "\n".join(lines)
 
 
@@ -124,8 +126,7 @@ def render_html(sections: Sequence[Section], images: Mapping[str, bytes],
                 f"<td{' class=n' if numeric[i] else ''}>{html.escape(col[r])}</td>"
                 for i, col in enumerate(cols)) + "</tr>")
         parts.append("</table>")
-        if section.note:
-            parts.append(f"<p class=note>{html.escape(section.note)}</p>")
+        parts += [f"<p class=note>{html.escape(line)}</p>" for line in section.note.splitlines()]
     for name, png in images.items():
         data = base64.b64encode(png).decode()
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' "

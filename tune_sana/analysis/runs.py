@@ -21,13 +21,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tune_sana.analysis.noise import SEARCH
 from tune_sana.config import TrialConfig, UserError
 from tune_sana.record.readers import RunSpec, read_history, read_run_spec, read_trial_columns
 from tune_sana.record.schema import CONFIG_NAMES
 from tune_sana.record.storage import Location, is_uri
 
 SUMMARY_COLUMNS = ["outcome", "divergence_cause", "diverged_step", "nonfinite_module",
-                   "best_val_loss", "steps_run", "wall_time_s"]
+                   "best_val_loss", "base_val_loss", "improvement", "base_retain_loss",
+                   "final_retain_loss", "steps_run", "wall_time_s", "stage", "config_id"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,10 @@ class Run:
 
     ``trials``: trial_id, every config column (see :func:`effective_configs`; null where the
     effective value is null, e.g. ``max_grad_norm`` with clipping off) and SUMMARY_COLUMNS,
-    plus ``lr_decade``; one row per finished trial. ``running``: trial_id, best_val_loss,
-    steps_run, wall_time_s for trials seen in history/ but not yet in trials.parquet.
+    plus ``lr_decade``; one row per finished trial. ``stage`` is "search" where a run written
+    before the confirm stage left it null; that run's base and improvement columns are null.
+    ``running``: trial_id, best_val_loss, base_val_loss, improvement, steps_run, wall_time_s
+    for trials seen in history/ but not yet in trials.parquet.
     ``searched``: the config keys the run's spec searched (empty if no spec was found).
     """
 
@@ -106,28 +110,46 @@ def lr_decade(lr: pa.ChunkedArray | pa.Array) -> pa.Array | pa.ChunkedArray:
 
 
 def _running(run_dir: str | os.PathLike[str] | Location,
-                   finished: pa.Array | pa.ChunkedArray) -> pa.Table:
+             finished: pa.Array | pa.ChunkedArray) -> pa.Table:
     """Trials in history/ that are not among ``finished`` (trial ids), summarised from their
-    rows: trial_id, best_val_loss (min of the non-null val_loss; null if none), steps_run,
-    wall_time_s; sorted by trial_id."""
+    rows: trial_id, best_val_loss (min of the non-null val_loss after step 0; null if none),
+    base_val_loss (step 0's val_loss: the untouched base), improvement, steps_run (the last
+    step: updates done), wall_time_s; sorted by trial_id."""
     ids = read_history(run_dir, columns=["trial_id"]).column(0).unique()
     done = finished.combine_chunks() if isinstance(finished, pa.ChunkedArray) else finished
     running = ids.filter(pc.invert(pc.is_in(ids, value_set=done)))
     if len(running) == 0:
         return pa.table({"trial_id": pa.array([], pa.string()),
-                         "best_val_loss": pa.array([], pa.float64()),
+                         **{name: pa.array([], pa.float64())
+                            for name in ("best_val_loss", "base_val_loss", "improvement")},
                          "steps_run": pa.array([], pa.int64()),
                          "wall_time_s": pa.array([], pa.float64())})
     hist = read_history(run_dir, columns=["trial_id", "step", "val_loss", "timestamp"],
                         trial_ids=running.to_pylist())
+    trained = pc.greater(hist["step"], 0)
+    hist = hist.append_column("trained_val", pc.if_else(
+        trained, hist["val_loss"], pa.scalar(None, pa.float64())))
+    hist = hist.append_column("base_val", pc.if_else(
+        trained, pa.scalar(None, pa.float64()), hist["val_loss"]))
     agg = hist.group_by("trial_id").aggregate([
-        ("val_loss", "min"), ("step", "max"), ("timestamp", "min"), ("timestamp", "max")])
+        ("trained_val", "min"), ("base_val", "min"), ("step", "max"), ("timestamp", "min"),
+        ("timestamp", "max")])
+    best, base = agg["trained_val_min"], agg["base_val_min"]
     return pa.table({
         "trial_id": agg["trial_id"],
-        "best_val_loss": agg["val_loss_min"],
-        "steps_run": pc.add(agg["step_max"], 1),
+        "best_val_loss": best,
+        "base_val_loss": base,
+        "improvement": improvement(best, base),
+        "steps_run": agg["step_max"],
         "wall_time_s": pc.subtract(agg["timestamp_max"], agg["timestamp_min"]),
     }).sort_by("trial_id")
+
+
+def improvement(best: pa.Array | pa.ChunkedArray,
+                base: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """1 - best / base, as the record defines it (null where either is null)."""
+    out: pa.Array | pa.ChunkedArray = pc.subtract(1.0, pc.divide(best, base))
+    return out
 
 
 def run_label(path: Path | PurePath, others: Sequence[Path | PurePath] = ()) -> str:
@@ -144,6 +166,8 @@ def load_run(run_dir: str | os.PathLike[str], label: str | None = None) -> Run:
     trials = read_trial_columns(path, ["trial_id", *CONFIG_NAMES, *SUMMARY_COLUMNS])
     spec = read_run_spec(path)
     trials = effective_configs(trials, spec)
+    stage = trials.schema.get_field_index("stage")
+    trials = trials.set_column(stage, "stage", pc.fill_null(trials["stage"], SEARCH))
     trials = trials.append_column("lr_decade", lr_decade(trials["lr"]))
     running = _running(path, trials["trial_id"])
     return Run(label or path.name, path.public(), trials, running,

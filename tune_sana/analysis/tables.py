@@ -1,6 +1,7 @@
 """The report's tables, computed from loaded runs with pyarrow (``group_by``, joins, sorts; no
-Python loop over rows): the ranking, stability counts, divergence causes, several runs side by
-side, and the sections the report prints in order.
+Python loop over rows): the ranking, the base, the confirmed configurations (the noise rule
+of ``noise``), stability counts, divergence causes, several runs side by side, and the
+sections the report prints in order.
 
 Nulls in grouping keys: ``max_grad_norm`` null (clipping off) becomes ``inf`` (the clip value
 that never clips, printed as ``none``) and a null string key (``variant``) becomes ``none``, so
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tune_sana.analysis.noise import BEST, CONFIRM_HINT, confirmed, has_confirm
 from tune_sana.analysis.runs import Run
 from tune_sana.config import Precision
 from tune_sana.outcomes import FINISHED, FINITE, Outcome
@@ -68,14 +70,19 @@ def _varies_within_a_run(runs: Sequence[Run], name: str) -> bool:
 def ranking(runs: Sequence[Run], columns: Sequence[str], top: int = 10) -> pa.Table:
     """The ``top`` trials by best validation loss (ascending; ties by trial id) among completed,
     pruned and running ones; diverged and errored trials are left out (see ``stability``), and
-    so are trials without a best validation loss. Columns: [run,] trial_id, ``columns``,
-    best_val_loss, outcome, steps_run, wall_time_s; null ``max_grad_norm`` / ``variant`` as
+    so are trials without a best validation loss. Columns: [run,] trial_id, [stage, config_id
+    when a run has a confirm stage,] ``columns``, best_val_loss, improvement, [final_retain_loss
+    when recorded,] outcome, steps_run, wall_time_s; null ``max_grad_norm`` / ``variant`` as
     inf / ``none``."""
+    confirm = any(has_confirm(r.trials) for r in runs)
+    retain = any(r.trials["final_retain_loss"].null_count < r.trials.num_rows for r in runs)
+    names = ["trial_id", *(("stage", "config_id") if confirm else ()), *columns,
+             "best_val_loss", "improvement", *(("final_retain_loss",) if retain else ()),
+             "outcome", "steps_run", "wall_time_s"]
     parts = []
     for run in runs:
         done = run.trials.filter(pc.is_in(run.trials["outcome"], pa.array(list(FINITE))))
-        done = done.select(["trial_id", *columns, "best_val_loss", "outcome", "steps_run",
-                            "wall_time_s"])
+        done = done.select(names)
         for name in ("max_grad_norm", "variant"):  # null here means off / default: say so
             if name in columns:
                 index = done.schema.get_field_index(name)
@@ -192,6 +199,54 @@ def divergence_causes(run: Run) -> tuple[pa.Table, pa.Table, float | None]:
     return by_cause, by_module, median
 
 
+def base_losses(run: Run) -> pa.Table:
+    """Per precision x variant (null variant as ``none``): trials, base_val and base_retain
+    (the means of base_val_loss and base_retain_loss: the untouched model's losses at step 0;
+    null where a trial recorded none)."""
+    keys = _key_columns(run.trials, ["precision", "variant"])
+    keys = keys.append_column("base_val", run.trials["base_val_loss"])
+    keys = keys.append_column("base_retain", run.trials["base_retain_loss"])
+    agg = keys.group_by(["precision", "variant"]).aggregate([
+        ([], "count_all"), ("base_val", "mean"), ("base_retain", "mean")])
+    agg = agg.rename_columns({"count_all": "trials", "base_val_mean": "base_val",
+                              "base_retain_mean": "base_retain"})
+    return _sort(agg.select(["precision", "variant", "trials", "base_val", "base_retain"]),
+                 ["precision", "variant"])
+
+
+def single_base(run: Run) -> float | None:
+    """The run's base validation loss when every trial that recorded one prints the same
+    (4 significant digits, as the report prints it); None when none did or they differ."""
+    values = run.trials["base_val_loss"]
+    low, high = pc.min(values).as_py(), pc.max(values).as_py()
+    if low is None or f"{low:.4g}" != f"{high:.4g}":
+        return None
+    return float(pc.mean(values).as_py())
+
+
+def confirmed_configs(runs: Sequence[Run], columns: Sequence[str]) -> pa.Table:
+    """:func:`noise.confirmed` of every run that has a confirm stage, as the report prints
+    it: [run,] config_id, ``columns``, seeds, diverged, mean_val, se, improvement,
+    search_val, vs_best, vs_base."""
+    parts = []
+    for run in runs:
+        if not has_confirm(run.trials):
+            continue
+        table = confirmed(run.trials, columns)
+        for name in ("max_grad_norm", "variant"):
+            if name in columns:
+                index = table.schema.get_field_index(name)
+                table = table.set_column(index, name, _key_columns(table, [name])[name])
+        table = table.select(["config_id", *columns, "seeds", "diverged", "mean", "se",
+                              "improvement", "search_val", "vs_best", "vs_base"])
+        table = table.rename_columns({"mean": "mean_val"})
+        if len(runs) > 1:
+            table = table.add_column(0, "run", pa.array([run.label] * table.num_rows,
+                                                        pa.string()))
+        parts.append(table)
+    return pa.concat_tables(parts, promote_options="permissive")
+
+
 def side_by_side(runs: Sequence[Run], tables: Sequence[pa.Table],
                  keys: Sequence[str]) -> tuple[pa.Table, list[tuple[str, int]]]:
     """Full outer join of one table per run on ``keys``; run i's value columns get the prefix
@@ -262,34 +317,103 @@ def _cause_sections(runs: Sequence[Run]) -> list[Section]:
 
 
 def _overview(runs: Sequence[Run]) -> Section:
-    """One column per run: trial counts by outcome and the best completed trial."""
-    rows = ["trials", *FINISHED, "running", "best completed val", "best trial"]
+    """One column per run: trial counts by outcome, the base, the best completed trial and
+    its improvement, and the confirmed best configuration."""
+    rows = ["trials", *FINISHED, "running", "base val loss", "best completed val",
+            "best trial", "improvement", "confirmed best"]
     columns: dict[str, list[Any]] = {"": rows}
     for run in runs:
         outcome = run.trials["outcome"]
-        counts = [run.trials.num_rows + run.running.num_rows]
+        counts: list[Any] = [run.trials.num_rows + run.running.num_rows]
         counts += [pc.sum(pc.equal(outcome, o).cast(pa.int64())).as_py() or 0 for o in FINISHED]
         counts.append(run.running.num_rows)
+        base = single_base(run)
+        recorded = run.trials["base_val_loss"].null_count < run.trials.num_rows
+        counts.append(f"{base:.4g}" if base is not None
+                      else "varies (see Base)" if recorded else "-")
         done = run.trials.filter(pc.and_(pc.equal(outcome, Outcome.COMPLETED.value),
                                          pc.is_valid(run.trials["best_val_loss"])))
         best = done.sort_by([("best_val_loss", "ascending"), ("trial_id", "ascending")])
         if best.num_rows:
-            counts += [f"{best['best_val_loss'][0].as_py():.4g}", best["trial_id"][0].as_py()]
+            gain = best["improvement"][0].as_py()
+            counts += [f"{best['best_val_loss'][0].as_py():.4g}", best["trial_id"][0].as_py(),
+                       "-" if gain is None else f"{100 * gain:.1f}%"]
         else:
-            counts += ["-", "-"]
+            counts += ["-", "-", "-"]
+        counts.append(_confirmed_best(run))
         columns[run.label] = [str(c) for c in counts]
     return Section("Runs", pa.table(columns))
+
+
+def _confirmed_best(run: Run) -> str:
+    """The overview's cell: the best confirmed configuration, mean +- SE over n seeds."""
+    if not has_confirm(run.trials):
+        return "no confirm stage"
+    table = confirmed(run.trials)
+    best = table.filter(pc.equal(table["vs_best"], BEST))
+    if best.num_rows == 0:
+        return "none (a seed diverged or none completed)"
+    row = best.to_pylist()[0]
+    se = "?" if row["se"] is None else f"{row['se']:.2g}"
+    return f"{row['config_id']}: {row['mean']:.4g} +- {se} ({row['n']} seeds)"
+
+
+def _base_sections(runs: Sequence[Run]) -> list[Section]:
+    """The base by precision x variant, when some run's trials do not share one base."""
+    varies = [r for r in runs if single_base(r) is None
+              and r.trials["base_val_loss"].null_count < r.trials.num_rows]
+    if not varies:
+        return []
+    title = "Base (the untouched model at step 0) by precision x checkpoint variant"
+    note = "mean base validation and retain loss of the trials in each group"
+    tables = [base_losses(r) for r in runs]
+    if len(runs) == 1:
+        return [Section(title, tables[0], note)]
+    table, groups = side_by_side(runs, tables, ["precision", "variant"])
+    return [Section(title, table, note, groups,
+                    ["precision", "variant", *(["trials", "base_val", "base_retain"]
+                                               * len(runs))])]
+
+
+CONFIRMED_NOTE = (
+    "mean_val, se: mean and standard error (sample std / sqrt(n)) of best val loss over the "
+    "completed confirm seeds; search_val: the search trial's own value, kept apart (picked "
+    "for being low: biased low); vs_best: best = lowest mean that diverged in no seed, ~best = "
+    "not distinguishable from it (|difference| <= 2 x combined SE; one seed: SE unknown, "
+    "never told apart); vs_base: better = base - mean > 2 SE")
+
+
+def _confirmed_sections(runs: Sequence[Run], columns: Sequence[str]) -> list[Section]:
+    shown = [c for c in columns if c != "seed"]  # replicas differ in seed only
+    table = confirmed_configs(runs, shown) if any(has_confirm(r.trials) for r in runs) else None
+    if table is None:
+        return []
+    without = [r.label for r in runs if not has_confirm(r.trials)]
+    note = CONFIRMED_NOTE + (f"; no confirm stage in {', '.join(without)}" if without else "")
+    return [Section("Confirmed configurations (fresh seeds)", table, note)]
+
+
+def _single_seed_note(runs: Sequence[Run]) -> str:
+    """The ranking's second note line for runs without a confirm stage ('' if none)."""
+    without = [r.label for r in runs if not has_confirm(r.trials)]
+    if not without:
+        return ""
+    where = "" if len(without) == len(runs) else f" in {', '.join(without)}"
+    return (f"single seed per trial{where}: the ranking's noise is unknown; {CONFIRM_HINT}")
 
 
 def build_sections(runs: Sequence[Run], top: int = 10) -> list[Section]:
     """Every table of the report, in print order."""
     columns = varying_columns(runs)
     rank = ranking(runs, columns, top)
-    sections = [_overview(runs)]
-    sections.append(Section(
-        f"Top {min(top, rank.num_rows)} trials by best validation loss", rank,
-        "completed, pruned and running trials; diverged and errored ones are in the "
-        "stability tables; config columns: the ones searched or varying"))
+    sections = [_overview(runs), *_base_sections(runs)]
+    note = ("completed, pruned and running trials; diverged and errored ones are in the "
+            "stability tables; config columns: the ones searched or varying; improvement = "
+            "1 - best val / base val")
+    single = _single_seed_note(runs)
+    sections.append(Section(f"Top {min(top, rank.num_rows)} trials by best validation loss",
+                            rank, note + (f"\n{single}" if single else "")))
+    sections += _confirmed_sections(runs, columns)
     sections += _stability_sections(runs)
     sections += _cause_sections(runs)
     return sections

@@ -10,10 +10,15 @@ from pathlib import Path
 from tune_sana.config import DEMO_BASE, UserError, home
 
 TRANSFORMER_WEIGHTS = "diffusion_pytorch_model"  # the weight-file stem diffusers models use
+# Raise it whenever what the demo base learns changes (the built-in data's pretraining part, the
+# text encoder, the architecture, the pretraining recipe): the base is then rebuilt in a new
+# folder rather than an old one reused. 2: the pretraining/fine-tune worlds of builtin:shapes.
+DEMO_BASE_VERSION = 2
 
 
 def demo_base_path() -> Path:
-    return home() / DEMO_BASE
+    """Where the demo base of this version lives: $TUNE_SANA_HOME/demo-base-v<N>."""
+    return home() / f"{DEMO_BASE}-v{DEMO_BASE_VERSION}"
 
 
 def is_local(model: str) -> bool:

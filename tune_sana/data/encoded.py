@@ -11,6 +11,21 @@ once per dataset. Two sources exist:
   conditioning matters to the loss.
 - a folder written by :func:`save_encoded` (``tune-sana cache`` builds one from real images with the
   checkpoint's AutoencoderDC and Gemma-2): ``encoded.safetensors`` + ``meta.json``.
+
+``builtin:shapes`` has two worlds, so that the demo fine-tune has something to learn:
+
+- pretraining ("a small red circle at the top left"): square, circle, triangle or cross in one of
+  8 colours on a dark background. The demo base is pretrained on it (``part="pretrain"``).
+- fine-tune ("a small black ring at the top left on paper"): the same kinds of pictures drawn on
+  paper, which the base has never seen: a light beige background, captions ending in the new
+  words "on paper", a new shape (ring) and a new colour (black).
+
+``load_data("builtin:shapes")`` (the fine-tune part) gives ``train``: FINETUNE_SIZE paper
+pictures plus PRIOR_SIZE fresh pretraining-world pictures mixed in, as DreamBooth's prior
+preservation does (without them every fine-tune forgets the dark world wholesale); ``val``: held-out
+paper pictures (the metric); ``retain``: held-out pretraining-world pictures the base never trained
+on (what a fine-tune must not forget). Every part is drawn from its own seed, so the parts are
+disjoint and the base's pretraining set does not depend on the fine-tune's.
 """
 
 from __future__ import annotations
@@ -57,11 +72,14 @@ class Encoded:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """The fine-tuning set and the fixed held-out validation set."""
+    """The fine-tuning set, the fixed held-out validation set (fine-tune distribution) and,
+    where the data has one, the retain set (held out from the pretraining distribution: what a
+    fine-tune must not forget)."""
 
     train: Encoded
     val: Encoded
     meta: dict[str, Any]
+    retain: Encoded | None = None
 
 
 # --- the built-in shapes dataset -----------------------------------------------------------
@@ -85,17 +103,33 @@ POSITIONS = {
     "bottom right": (10.5, 10.5),
     "center": (7.5, 7.5),
 }
+# What only the fine-tune shows: the same kinds of pictures drawn on paper, with a new colour and
+# a new shape. The pretraining background is DARK (plus faint noise).
+PAPER: tuple[float, float, float] = (0.4, 0.3, 0.0)  # a light beige background
+PAPER_WORDS = "on paper"
+PAPER_COLORS: dict[str, tuple[float, float, float]] = {**COLORS, "black": (-1.0, -1.0, -1.0)}
+PAPER_SHAPES = (*SHAPES, "ring")
+DARK = -0.8  # the pretraining background level
+
 IMAGE_SIZE = 16
 TEXT_DIM = 32
-TEXT_LEN = 8
-BUILTIN_SIZE = 2048
-# Fixed ranges of the built-in set: the demo base checkpoint is pretrained on the first part,
-# fine-tuning uses the rest, and the last VAL_SIZE samples are held out for validation.
-PRETRAIN_END = 1024
+TEXT_LEN = 10
+# The parts of builtin:shapes. Pretraining-world draws (PRETRAIN_SEED): the base trains on the
+# first PRETRAIN_SIZE, the next RETAIN_SIZE are held out (retain). Paper draws (FINETUNE_SEED):
+# the first FINETUNE_SIZE go into the fine-tuning set, the next VAL_SIZE are held out (val, the
+# metric). PRIOR_SIZE more pretraining-world draws (PRIOR_SEED) complete the fine-tuning set.
+PRETRAIN_SIZE = 1024
+RETAIN_SIZE = 64
+FINETUNE_SIZE = 320
+PRIOR_SIZE = 320
 VAL_SIZE = 64
+PRETRAIN_SEED = 1234
+FINETUNE_SEED = 5678
+PRIOR_SEED = 9012
+WORLDS = ("pretrain", "finetune")
 
 _VOCAB = sorted(
-    {"a", "at", "the", *COLORS, *SHAPES, *SIZES}
+    {"a", "at", "the", *PAPER_WORDS.split(), *COLORS, *PAPER_COLORS, *PAPER_SHAPES, *SIZES}
     | {w for p in POSITIONS for w in p.split()}
 )
 
@@ -111,6 +145,8 @@ def _shape_mask(shape: str, size: float, cy: float, cx: float) -> torch.Tensor:
         return (dy.abs() <= size / 1.4) & (dx.abs() <= size / 1.4)
     if shape == "circle":
         return dy**2 + dx**2 <= size**2
+    if shape == "ring":
+        return (dy**2 + dx**2 <= size**2) & (dy**2 + dx**2 > (size - 1.6) ** 2)
     if shape == "triangle":
         return (dy <= size / 1.4) & (dy >= -size) & (dx.abs() <= (dy + size) / 2)
     return ((dy.abs() <= size / 3.5) & (dx.abs() <= size)) | (
@@ -118,10 +154,19 @@ def _shape_mask(shape: str, size: float, cy: float, cx: float) -> torch.Tensor:
     )
 
 
-def shapes_images(n: int = BUILTIN_SIZE, seed: int = 1234) -> tuple[torch.Tensor, list[str]]:
-    """``n`` RGB images in [-1, 1] (n, 3, 16, 16) and their captions; the same for a given seed."""
+def shapes_images(n: int = PRETRAIN_SIZE + RETAIN_SIZE, seed: int = PRETRAIN_SEED,
+                  world: str = "pretrain") -> tuple[torch.Tensor, list[str]]:
+    """``n`` RGB images in [-1, 1] (n, 3, 16, 16) and their captions; the same for a given seed.
+
+    ``world`` "pretrain": a shape on a dark background; "finetune": on paper (see the module).
+    """
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {WORLDS}, not {world!r}")
+    paper = world == "finetune"
+    colors = PAPER_COLORS if paper else COLORS
+    shapes = PAPER_SHAPES if paper else SHAPES
     gen = torch.Generator().manual_seed(seed)
-    combos = list(itertools.product(SIZES, COLORS, SHAPES, POSITIONS))
+    combos = list(itertools.product(SIZES, colors, shapes, POSITIONS))
     picks = torch.randint(len(combos), (n,), generator=gen)
     images = torch.empty(n, 3, IMAGE_SIZE, IMAGE_SIZE)
     captions = []
@@ -130,10 +175,12 @@ def shapes_images(n: int = BUILTIN_SIZE, seed: int = 1234) -> tuple[torch.Tensor
         cy, cx = POSITIONS[position]
         jitter = (torch.rand(2, generator=gen) - 0.5).tolist()
         mask = _shape_mask(shape, SIZES[size], cy + jitter[0], cx + jitter[1])
-        background = -0.8 + 0.1 * torch.randn(3, 1, 1, generator=gen)
-        rgb = torch.tensor(COLORS[color]).view(3, 1, 1)
+        level = torch.tensor(PAPER).view(3, 1, 1) if paper else torch.full((3, 1, 1), DARK)
+        background = level + 0.1 * torch.randn(3, 1, 1, generator=gen)
+        rgb = torch.tensor(colors[color]).view(3, 1, 1)
         images[i] = torch.where(mask, rgb, background).clamp(-1, 1)
-        captions.append(f"a {size} {color} {shape} at the {position}")
+        caption = f"a {size} {color} {shape} at the {position}"
+        captions.append(f"{caption} {PAPER_WORDS}" if paper else caption)
     return images, captions
 
 
@@ -145,8 +192,9 @@ def demo_encode_images(images: torch.Tensor) -> torch.Tensor:
 def demo_encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo's fixed text encoder: a seeded embedding per word plus a position code.
 
-    Returns (N, 8, 32) float32 embeddings and an (N, 8) int64 mask. Deterministic: the table is
-    drawn from a fixed CPU generator, the same on every machine.
+    Returns (N, TEXT_LEN, 32) float32 embeddings and an (N, TEXT_LEN) int64 mask. Deterministic:
+    the table is drawn from a fixed CPU generator, the same on every machine. Its vocabulary
+    covers both worlds' captions.
     """
     gen = torch.Generator().manual_seed(4321)
     table = torch.randn(len(_VOCAB), TEXT_DIM, generator=gen)
@@ -162,21 +210,42 @@ def demo_encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return text, mask
 
 
+def _encode(world: str, n: int, seed: int) -> Encoded:
+    images, captions = shapes_images(n, seed, world)
+    text, mask = demo_encode_text(captions)
+    return Encoded(demo_encode_images(images), text, mask)
+
+
+def _concat(a: Encoded, b: Encoded) -> Encoded:
+    return Encoded(torch.cat([a.latents, b.latents]), torch.cat([a.text, b.text]),
+                   torch.cat([a.mask, b.mask]))
+
+
 def _builtin(name: str, part: str) -> DataSplit:
     if name != "shapes":
         raise UserError(
             f"unknown built-in dataset 'builtin:{name}'; the built-in one is builtin:shapes"
         )
-    images, captions = shapes_images()
-    text, mask = demo_encode_text(captions)
-    every = Encoded(demo_encode_images(images), text, mask)
-    val = every.take(torch.arange(BUILTIN_SIZE - VAL_SIZE, BUILTIN_SIZE))
+    if part not in WORLDS:
+        raise UserError(f"builtin:shapes has parts {', '.join(WORLDS)}; not '{part}'")
+    pretrain = _encode("pretrain", PRETRAIN_SIZE + RETAIN_SIZE, PRETRAIN_SEED)
+    retain = pretrain.take(torch.arange(PRETRAIN_SIZE, PRETRAIN_SIZE + RETAIN_SIZE))
+    meta: dict[str, Any] = {"source": f"builtin:{name}", "part": part}
     if part == "pretrain":
-        train = every.take(torch.arange(0, PRETRAIN_END))
-    else:
-        train = every.take(torch.arange(PRETRAIN_END, BUILTIN_SIZE - VAL_SIZE))
-    meta = {"source": f"builtin:{name}", "part": part, "train": len(train), "val": len(val)}
-    return DataSplit(train, val, meta)
+        train = pretrain.take(torch.arange(PRETRAIN_SIZE))
+        meta.update(train=len(train), val=len(retain), world="shapes on a dark background")
+        return DataSplit(train, retain, meta, retain=retain)
+    finetune = _encode("finetune", FINETUNE_SIZE + VAL_SIZE, FINETUNE_SEED)
+    train = finetune.take(torch.arange(FINETUNE_SIZE))
+    prior = _encode("pretrain", PRIOR_SIZE, PRIOR_SEED) if PRIOR_SIZE else train.take(
+        torch.arange(0))
+    train = _concat(train, prior)
+    val = finetune.take(torch.arange(FINETUNE_SIZE, FINETUNE_SIZE + VAL_SIZE))
+    meta.update(train=len(train), prior=len(prior), val=len(val), retain=len(retain),
+                world=f"shapes {PAPER_WORDS}: new to the base are the light background, the "
+                "words 'on paper', the ring and the colour black; prior = pretraining-world "
+                "pictures mixed into train")
+    return DataSplit(train, val, meta, retain=retain)
 
 
 # --- encoded folders -------------------------------------------------------------------------

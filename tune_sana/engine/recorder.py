@@ -2,7 +2,9 @@
 
 Every reported row goes to history/; every finished trial becomes one trials.parquet row with
 its outcome: ``completed`` or ``diverged`` as the trial said, ``pruned`` when the scheduler
-stopped a finite trial early, ``error`` when it raised (with the message).
+stopped a finite trial early, ``error`` when it raised (with the message). The row also says
+the trial's ``stage`` (``search``, or ``confirm`` for the confirm stage's replicas) and its
+``config_id`` (engine/confirm.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 from ray.tune import Callback
 
 from tune_sana.config import Precision, TrialConfig
+from tune_sana.engine.confirm import STAGE_SEARCH, config_id
 from tune_sana.engine.relay import unpack
 from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec
 from tune_sana.outcomes import FINISHED, FINITE, TRIAL_VERDICTS, Outcome
@@ -42,9 +45,9 @@ class _Track:
     def update(self, result: dict[str, Any]) -> None:
         self.last = result
         if "step" in result:
-            self.steps = int(result["step"]) + 1
+            self.steps = int(result["step"])  # a step counts the optimizer updates done
         val = result.get("val_loss")
-        if isinstance(val, (int, float)):
+        if isinstance(val, (int, float)) and result.get("step") != 0:  # step 0: the base
             self.final_val = float(val)
             self.best_val = val if self.best_val is None else min(self.best_val, float(val))
 
@@ -58,10 +61,11 @@ class ResultsRecorder(Callback):
 
     def __init__(self, run_dir: str, spec_yaml: str, *, progress_every_s: float,
                  stream: TextIO | None = None, resume: bool = False,
-                 fixed: dict[str, Any] | None = None) -> None:
+                 fixed: dict[str, Any] | None = None, stage: str = STAGE_SEARCH) -> None:
         self.run_dir = run_dir
         self.spec_yaml = spec_yaml
         self.fixed = dict(fixed or {})
+        self.stage = stage
         self.progress_every_s = progress_every_s
         self._stream = stream
         self._resume = resume
@@ -79,9 +83,11 @@ class ResultsRecorder(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "spec_yaml": self.spec_yaml,
-                "progress_every_s": self.progress_every_s, "fixed": self.fixed}
+                "progress_every_s": self.progress_every_s, "fixed": self.fixed,
+                "stage": self.stage}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.stage = STAGE_SEARCH  # pickled before stages existed
         self.__dict__.update(state)
         self._stream = None
         self._resume = True
@@ -163,6 +169,8 @@ class ResultsRecorder(Callback):
         config = {**self.fixed, **trial.config}
         if summary.get("pairing") is None and self._paired:
             summary["pairing"] = _pairing(config)  # the trial's summary never came
+        summary["stage"] = self.stage
+        summary["config_id"] = config_id(config)
         self.writer.finish_trial(trial.trial_id, config, summary)
         outcome = str(summary["outcome"])
         self._counts[outcome] += 1

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 ROWS_KEY = "rows_before"  # the batch's earlier rows, oldest first, as a JSON list
-STEPS_KEY = "steps_done"  # 1 + the newest row's step: ASHA's time attribute
+STEPS_KEY = "steps_done"  # the newest row's step (updates done): ASHA's time attribute
 ROW_TIME_KEY = "row_time"  # wall-clock time the trial made the row
 TRANSPORT_KEYS = frozenset({ROWS_KEY, STEPS_KEY})
 EVERY_S = 1.0  # default longest wait of a plain step row (sweep option --report-every)
@@ -68,7 +68,7 @@ class RowRelay:
         if before:
             result[ROWS_KEY] = json.dumps(before)
         if isinstance(newest.get("step"), int):
-            result[STEPS_KEY] = newest["step"] + 1
+            result[STEPS_KEY] = newest["step"]
         self._send(result, checkpoint)
         self._last_sent = self._clock()
 

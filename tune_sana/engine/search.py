@@ -37,9 +37,15 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
     user attrs. A non-finite metric never reaches ``study.tell``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, points: list[dict[str, Any]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._worst: float | None = None
+        # Starting points go into the study's queue: Optuna asks them first, in order, and draws
+        # the keys a point leaves out (Ray's own points_to_evaluate insists on every key).
+        study: Any = getattr(self, "_ot_study", None)
+        for point in points or []:
+            study.enqueue_trial(point)
 
     def _penalty(self) -> float:
         if self._worst is None:
@@ -98,8 +104,8 @@ def tpe_sampler(seed: int | None, n_startup_trials: int) -> optuna.samplers.TPES
 
 def build_searcher(spec: SweepSpec) -> tuple[Searcher, dict[str, Any]]:
     """(search_alg, param_space for the Tuner). Optuna holds its own space; grid and random use
-    Ray's variant generator over the param_space."""
-    from tune_sana.engine.space import ray_space
+    Ray's variant generator over the param_space. Both run search.points_to_evaluate first."""
+    from tune_sana.engine.space import ray_space, starting_points
 
     if spec.search.algorithm == "optuna":
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -107,8 +113,10 @@ def build_searcher(spec: SweepSpec) -> tuple[Searcher, dict[str, Any]]:
                               n_startup_trials=min(8, max(2, spec.search.num_samples // 3)))
         searcher = DivergenceAwareOptunaSearch(
             space=optuna_space(spec), metric=spec.metric, mode=spec.mode, sampler=sampler,
+            points=starting_points(spec),
         )
         return searcher, {}
     generator: Any = BasicVariantGenerator(random_state=spec.search.seed,
-                                      max_concurrent=spec.search.max_concurrent)
+                                           max_concurrent=spec.search.max_concurrent,
+                                           points_to_evaluate=starting_points(spec) or None)
     return generator, ray_space(spec)

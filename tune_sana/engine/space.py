@@ -6,7 +6,8 @@ resources per trial, the fixed settings and the searched ones::
     trial: sana_finetune
     metric: val_loss
     mode: min
-    search: {algorithm: optuna, num_samples: 24, seed: 0, max_concurrent: 2}
+    search: {algorithm: optuna, num_samples: 24, seed: 0, max_concurrent: 2,
+             confirm: {top_k: 3, seeds: 2}}
     scheduler: {type: asha, grace_period: 40, reduction_factor: 3}
     resources: {cpu: 1, gpu: 0}
     fixed: {model: demo-base, steps: 120}
@@ -25,6 +26,12 @@ is an error (use ``int``), ``int`` on a float key is fine, both bounds and every
 valid values of the key, and a choice on a true/false key must be true or false. A space with no
 key under ``space:`` has nothing to search (every trial would run one configuration): an error
 for every algorithm; one configuration is ``tune-sana trial``.
+
+``search.points_to_evaluate`` lists configurations the searcher runs first, in order (Ray's and
+Optuna's term): each a mapping of searched keys to values of their dimensions; a key a point
+leaves out is drawn as usual. They count inside ``num_samples`` (optuna and random; grid runs
+every combination and takes none). ``search.confirm`` (off when absent) re-runs the best
+``top_k`` configurations of the search with ``seeds`` fresh seeds each (engine/confirm.py).
 """
 
 from __future__ import annotations
@@ -62,6 +69,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ConfirmSpec(_Strict):
+    """The confirm stage: after the search, its best configurations re-run with fresh seeds."""
+
+    top_k: int = Field(3, ge=1, description="distinct configurations re-run, best first")
+    seeds: int = Field(2, ge=1, description="fresh seeds (unused by the search) per configuration")
+
+
 class SearchSpec(_Strict):
     """How configurations are proposed."""
 
@@ -69,6 +83,11 @@ class SearchSpec(_Strict):
     num_samples: int = Field(16, ge=1, description="trials to run (grid: repeats of the grid)")
     seed: int = Field(0, ge=0, description="seeds the searcher, so a sweep repeats")
     max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    points_to_evaluate: list[dict[str, Any]] | None = Field(
+        None, description="configurations run first, in order (searched keys; the others are "
+        "drawn); counted in num_samples")
+    confirm: ConfirmSpec | None = Field(None, description="re-run the best configurations "
+                                        "with fresh seeds after the search (off when absent)")
 
 
 class SchedulerSpec(_Strict):
@@ -179,14 +198,16 @@ def parse_spec(raw: Mapping[str, Any], source: str, *, fixed_by_set: Collection[
             section = _locate(first["loc"][:-1])
             bad = str(first["loc"][-1])
             sections: dict[str, type[BaseModel]] = {
-                "search": SearchSpec, "scheduler": SchedulerSpec, "resources": ResourcesSpec}
-            model = sections.get(section.split(".")[0], Dimension)
+                "search": SearchSpec, "search.confirm": ConfirmSpec, "scheduler": SchedulerSpec,
+                "resources": ResourcesSpec}
+            model = sections.get(section, sections.get(section.split(".")[0], Dimension))
             valid = DISTRIBUTIONS if model is Dimension else tuple(model.model_fields)
             raise UserError(f"{source}: unknown key '{loc}'{did_you_mean(bad, valid)}; "
                             f"valid here: {', '.join(valid)}") from None
         raise UserError(f"{source}: key '{loc}': {msg}") from None
     _check_against_trial(spec, source)
     _check_searchable(spec, source, fixed_by_set)
+    _check_points(spec, source)
     return spec
 
 
@@ -241,6 +262,111 @@ def _check_against_trial(spec: SweepSpec, source: str) -> None:
         loose = next(k for k, d in spec.space.items() if d.kind != "grid")
         raise UserError(f"{source}: search.algorithm grid needs every space key as grid "
                         f"('{loose}' is not); or use algorithm random")
+
+
+def _check_points(spec: SweepSpec, source: str) -> None:
+    """search.points_to_evaluate: searched keys only, each value one its dimension can take,
+    no more points than num_samples, and (for a TrialConfig trial) a valid configuration."""
+    points = spec.search.points_to_evaluate or []
+    if not points:
+        return
+    where = f"{source}: search.points_to_evaluate"
+    if spec.search.algorithm == "grid":
+        raise UserError(f"{where}: algorithm grid runs every combination of its grid and takes no "
+                        "points; use search.algorithm random or optuna, or drop the points")
+    if len(points) > spec.search.num_samples:
+        raise UserError(f"{where}: {len(points)} points but search.num_samples is "
+                        f"{spec.search.num_samples} (the points count inside it); raise "
+                        f"num_samples to at least {len(points)} or drop points")
+    searched = ", ".join(spec.space)
+    for index, point in enumerate(points):
+        at = f"{where}[{index}]"
+        if not point:
+            raise UserError(f"{at}: an empty point; give searched keys and their values, e.g. "
+                            f"{{{next(iter(spec.space))}: ...}}, or drop it")
+        for key, value in point.items():
+            if key in spec.fixed:
+                raise UserError(f"{at}: '{key}' is fixed, not searched; drop it from the point "
+                                "(or search it under space:)")
+            if key not in spec.space:
+                raise UserError(f"{at}: '{key}' is not a searched key"
+                                f"{did_you_mean(key, spec.space)}; a point sets keys under "
+                                f"space: ({searched})")
+            problem = _point_problem(key, spec.space[key], value,
+                                     typed=spec.trial in TRIAL_CONFIG_TRIALS)
+            if problem:
+                raise UserError(f"{at}.{key}: {problem}")
+        if spec.trial in TRIAL_CONFIG_TRIALS:
+            build_config({**spec.fixed, **point}, source=at)
+
+
+_NO_MATCH = object()
+
+
+def _matching_choice(value: Any, choices: list[Any]) -> Any:
+    """The element of ``choices`` equal to ``value`` (1 matches 1.0, but not true), else
+    _NO_MATCH."""
+    for choice in choices:
+        if value is None or choice is None:
+            if value is choice:
+                return choice
+        elif isinstance(value, bool) == isinstance(choice, bool) and value == choice:
+            return choice
+    return _NO_MATCH
+
+
+def _point_problem(key: str, dim: Dimension, value: Any, typed: bool) -> str | None:
+    """What is wrong with ``value`` as ``key``'s value in a point, with the fix; None if fine."""
+    problem = _type_problem(key, value) if typed else None
+    if problem:
+        return problem
+    if dim.kind in ("choice", "grid"):
+        if _matching_choice(value, dim.values()) is _NO_MATCH:
+            listed = ", ".join("null" if v is None else str(v) for v in dim.values())
+            return f"{value!r} is not one of space.{key}'s values ({listed}); use one of them"
+        return None
+    low, high = getattr(dim, dim.kind)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r} is not a number; space.{key} is {dim.kind} [{low:g}, {high:g}]"
+    if dim.kind == "int" and not isinstance(value, int):
+        return f"{value!r} is not a whole number; space.{key} is int [{low}, {high}]"
+    if not low <= value <= high:
+        return (f"{value!r} is outside space.{key}'s {dim.kind} range [{low:g}, {high:g}]; "
+                "use a value within it")
+    return None
+
+
+def starting_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """search.points_to_evaluate for the searcher: a choice or grid value replaced by the
+    dimension's own element (a point's 1 is the choice 1.0), so the searcher knows it."""
+    out = []
+    for point in spec.search.points_to_evaluate or []:
+        resolved = {}
+        for key, value in point.items():
+            dim = spec.space[key]
+            resolved[key] = (_matching_choice(value, dim.values())
+                             if dim.kind in ("choice", "grid") else value)
+        out.append(resolved)
+    return out
+
+
+def search_trials(spec: SweepSpec) -> int:
+    """The trials a finished search has run: num_samples for optuna; for random and grid each
+    sample runs every combination of the grid keys (Ray's variant generator), and a starting
+    point runs every combination of the grid keys it leaves out."""
+    if spec.search.algorithm == "optuna":
+        return spec.search.num_samples
+
+    def combinations(keys: Collection[str]) -> int:
+        count = 1
+        for key in keys:
+            count *= len(spec.space[key].values())
+        return count
+
+    grid_keys = [k for k, d in spec.space.items() if d.kind == "grid"]
+    points = spec.search.points_to_evaluate or []
+    from_points = sum(combinations([k for k in grid_keys if k not in p]) for p in points)
+    return from_points + (spec.search.num_samples - len(points)) * combinations(grid_keys)
 
 
 def _key_type(key: str) -> type | None:

@@ -3,7 +3,8 @@
 The trial program never imports Ray: ``_trainable`` (run inside each Tune trial) validates the
 config, hands the trial a ``report`` that cleans every row (NaN never reaches Ray) and relays it
 to ``ray.tune.report`` in batches (relay.py). The driver owns the Parquet record
-(``recorder.ResultsRecorder``).
+(``recorder.ResultsRecorder``). With ``search.confirm`` a second Tuner follows the search: the
+confirm stage (confirm.py), recorded into the same run.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def error_row(err: BaseException, step: int | None) -> dict[str, Any]:
     row: dict[str, Any] = {"outcome": Outcome.ERROR.value, "error": message[:2000]}
     if step is not None:
         row["step"] = step
-        row["steps_run"] = step + 1
+        row["steps_run"] = step
     return row
 
 
@@ -309,6 +310,32 @@ def _check_reachable(address: str, timeout_s: float) -> None:
                         "'ray start --head' or check the address") from None
 
 
+def _trainable_for(spec: SweepSpec, options: SweepOptions) -> Any:
+    """The Tune trainable of this spec, with its resources (the same for both stages)."""
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(_trainable, fixed=dict(spec.fixed), trial=spec.trial,
+                             cpus=spec.resources.cpu, metric=spec.metric,
+                             report_every_s=options.report_every_s),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+
+
+def _run_config(spec: SweepSpec, experiment: Location, recorder: Any) -> Any:
+    """Where a stage's Ray experiment goes, and how its trials stop, fail and checkpoint."""
+    from ray import tune
+
+    from tune_sana.engine.stopping import DivergenceStopper
+
+    return tune.RunConfig(
+        name=experiment.name, storage_path=experiment.parent.text, stop=DivergenceStopper(),
+        callbacks=[recorder], verbose=0,
+        failure_config=tune.FailureConfig(max_failures=spec.max_retries),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+
+
 def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: SweepOptions,
                 restore: bool) -> Any:
     """The Tuner (fresh, or restored from ``run_dir``: a local folder or a URI)."""
@@ -318,14 +345,8 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
 
     from tune_sana.engine.recorder import ResultsRecorder
     from tune_sana.engine.search import build_searcher
-    from tune_sana.engine.stopping import DivergenceStopper
 
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, fixed=dict(spec.fixed), trial=spec.trial,
-                             cpus=spec.resources.cpu, metric=spec.metric,
-                             report_every_s=options.report_every_s),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
-    )
+    trainable = _trainable_for(spec, options)
     location = Location.of(run_dir)
     if restore:
         return tune.Tuner.restore(location.text, trainable, resume_unfinished=True,
@@ -352,13 +373,81 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
             metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
             num_samples=spec.search.num_samples, reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name=location.name, storage_path=location.parent.text, stop=DivergenceStopper(),
-            callbacks=[recorder], verbose=0,
-            failure_config=tune.FailureConfig(max_failures=spec.max_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
+        run_config=_run_config(spec, location, recorder),
     )
+
+
+def build_confirm_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str],
+                        options: SweepOptions, replicas: list[dict[str, Any]] | None) -> Any:
+    """The confirm stage's Tuner: each of ``replicas`` (searched values + seed) run once, no
+    pruning, recorded into the run's own record with stage confirm; its Ray experiment in
+    <run dir>/confirm. ``replicas`` None: restored from there."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    from tune_sana.engine import confirm
+    from tune_sana.engine.recorder import ResultsRecorder
+
+    trainable = _trainable_for(spec, options)
+    experiment = Location.of(run_dir) / confirm.FOLDER
+    if replicas is None:
+        return tune.Tuner.restore(experiment.text, trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    searcher = ConcurrencyLimiter(confirm.ReplicaSearcher(replicas, spec.metric, spec.mode),
+                                  max_concurrent=spec.search.max_concurrent)
+    # resume: the record already holds the search; confirm trials are appended to it.
+    recorder = ResultsRecorder(str(run_dir), spec.to_yaml(),
+                               progress_every_s=options.progress_every_s, resume=True,
+                               fixed=dict(spec.fixed), stage=confirm.STAGE_CONFIRM)
+    return tune.Tuner(
+        trainable,
+        param_space={},
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=FIFOScheduler(),
+            num_samples=len(replicas), reuse_actors=True,
+        ),
+        run_config=_run_config(spec, experiment, recorder),
+    )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_confirm(spec: SweepSpec, run_dir: str | os.PathLike[str], options: SweepOptions) -> None:
+    """The confirm stage after a finished search (engine/confirm.py); nothing without
+    search.confirm. On --resume it is restored from its Ray experiment, or skipped when every
+    replica is recorded. A stage cut short (Ray ends ``fit`` quietly on Ctrl-C), or a search
+    cut short before it, is a KeyboardInterrupt: the run is not done, --resume finishes it."""
+    if spec.search.confirm is None:
+        return
+    from tune_sana.engine import confirm
+
+    rows = confirm.trial_rows(run_dir)
+    if not confirm.search_finished(spec, rows):
+        _say("confirm: the search stopped before all its trials finished; --resume finishes "
+             "it, then runs the confirm stage")
+        raise KeyboardInterrupt
+    chosen = confirm.plan(spec, rows)
+    total = len(chosen.replicas())
+    if not total:
+        _say(chosen.describe())
+        return
+    pending = chosen.pending(spec, rows)
+    if not pending:
+        _say(f"confirm: all {total} trial{'' if total == 1 else 's'} already recorded")
+        return
+    done = total - len(pending)
+    resumed = f" (resumed: {done} of {total} already recorded)" if done else ""
+    _say(chosen.describe() + resumed)
+    experiment = Location.of(run_dir) / confirm.FOLDER
+    restore = options.resume and bool(
+        experiment.entries(prefix="experiment_state-", suffix=".json", dirs=False))
+    build_confirm_tuner(spec, run_dir, options, None if restore else pending).fit()
+    if chosen.pending(spec, confirm.trial_rows(run_dir)):
+        _say("confirm: stopped before all its trials finished; --resume runs the rest")
+        raise KeyboardInterrupt
 
 
 def encode_once(spec: SweepSpec) -> SweepSpec:
@@ -408,4 +497,5 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
         Location.of(run_dir).entries(prefix="experiment_state-", suffix=".json", dirs=False))
     tuner = build_tuner(spec, run_dir, options, restore=restore)
     tuner.fit()
+    run_confirm(spec, run_dir, options)
     return run_dir

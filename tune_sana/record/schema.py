@@ -23,7 +23,9 @@ import pyarrow as pa
 
 from tune_sana.config import TrialConfig
 
-SCHEMA_VERSION = 1
+# 2: history retain_loss and a step-0 row (the untouched base); trials base_val_loss,
+#    improvement, base/final_retain_loss, stage and config_id. Step = optimizer updates done.
+SCHEMA_VERSION = 2
 TRIALS_FILE = "trials.parquet"
 HISTORY_DIR = "history"
 SPEC_FILE = "sweep.yaml"
@@ -33,6 +35,7 @@ HISTORY_SCHEMA = pa.schema([
     pa.field("step", pa.int64(), nullable=False),
     pa.field("train_loss", pa.float64()),
     pa.field("val_loss", pa.float64()),
+    pa.field("retain_loss", pa.float64()),
     pa.field("grad_norm", pa.float64()),
     pa.field("lr", pa.float64()),
     pa.field("loss_scale", pa.float64()),
@@ -51,6 +54,10 @@ SUMMARY_FIELDS: list[pa.Field] = [
     pa.field("max_abs_activation", pa.float64()),
     pa.field("best_val_loss", pa.float64()),
     pa.field("final_val_loss", pa.float64()),
+    pa.field("base_val_loss", pa.float64()),
+    pa.field("improvement", pa.float64()),
+    pa.field("base_retain_loss", pa.float64()),
+    pa.field("final_retain_loss", pa.float64()),
     pa.field("steps_run", pa.int64()),
     pa.field("skipped_steps", pa.int64()),
     pa.field("wall_time_s", pa.float64()),
@@ -61,6 +68,8 @@ SUMMARY_FIELDS: list[pa.Field] = [
     pa.field("n_params", pa.int64()),
     pa.field("error", pa.string()),
     pa.field("retries", pa.int64()),
+    pa.field("stage", pa.string()),
+    pa.field("config_id", pa.string()),
     pa.field("config_json", pa.string()),
     pa.field("ended_at", pa.float64()),
 ]

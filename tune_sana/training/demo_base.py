@@ -1,8 +1,10 @@
-"""Build the demo base checkpoint: the tiny Sana pretrained on the built-in data's pretraining part.
+"""Build the demo base checkpoint: the tiny Sana pretrained on the built-in data's pretraining part
+(shapes on a dark background; the demo then fine-tunes it on shapes on paper, see data.encoded).
 
 Saved in diffusers format with fp32 weights plus ``fp16`` and ``bf16`` variants, so the demo
 sweep fine-tunes a real checkpoint and can cross checkpoint variant with precision mode, as users
-of the FP16 and BF16 Sana releases do.
+of the FP16 and BF16 Sana releases do. The folder carries DEMO_BASE_VERSION
+(data.checkpoints.demo_base_path), so a base built by an older version is rebuilt, not reused.
 """
 
 from __future__ import annotations
@@ -83,10 +85,10 @@ def make_base(out: Path | None = None, steps: int = PRETRAIN_STEPS, force: bool 
 
 
 def ensure_demo_base() -> Path:
-    """The demo base folder, built first (about a minute on a CPU) if it is missing."""
+    """The demo base folder, built first (one to two minutes on a CPU) if it is missing."""
     target = demo_base_path()
     if not (target / "config.json").is_file():
         print(f"tune-sana: building the demo base checkpoint once at {target} "
-              "(tiny Sana pretrained on the built-in data, ~1 min)", file=sys.stderr, flush=True)
+              "(tiny Sana pretrained on the built-in data, 1-2 min)", file=sys.stderr, flush=True)
         make_base(target)
     return target

@@ -47,13 +47,17 @@ class Batches:
 
 
 class RunStats:
-    """Accumulates what the summary row reports: best/final val loss, timing, skips."""
+    """Accumulates what the summary row reports: the base, best/final val loss, retain loss,
+    timing, skips. Steps count optimizer updates; the base (step 0) never counts as best."""
 
     def __init__(self, config: TrialConfig, policy: PrecisionPolicy, device: torch.device,
                  n_params: int) -> None:
         self.started = time.perf_counter()
         self.best_val: float | None = None
         self.final_val: float | None = None
+        self.base_val: float | None = None
+        self.base_retain: float | None = None
+        self.final_retain: float | None = None
         self.skipped = 0
         self.steps_done = 0
         self.fixed = {
@@ -66,20 +70,30 @@ class RunStats:
     def state_dict(self) -> dict[str, Any]:
         return {"elapsed": time.perf_counter() - self.started, "best_val": self.best_val,
                 "final_val": self.final_val, "skipped": self.skipped,
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done, "base_val": self.base_val,
+                "base_retain": self.base_retain, "final_retain": self.final_retain}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.started = time.perf_counter() - float(state["elapsed"])
         self.best_val, self.final_val = state["best_val"], state["final_val"]
         self.skipped, self.steps_done = int(state["skipped"]), int(state["steps_done"])
+        # .get: a checkpoint written before the base was recorded has none
+        self.base_val, self.base_retain = state.get("base_val"), state.get("base_retain")
+        self.final_retain = state.get("final_retain")
+
+    def record_base(self, row: dict[str, Any]) -> None:
+        """Step 0: the losses of the untouched base."""
+        self.base_val, self.base_retain = row.get("val_loss"), row.get("retain_loss")
 
     def record(self, row: dict[str, Any], skipped: bool) -> None:
-        self.steps_done = row["step"] + 1
+        self.steps_done = row["step"]
         self.skipped += int(skipped)
         val = row.get("val_loss")
         if val is not None:
             self.final_val = val
             self.best_val = val if self.best_val is None else min(self.best_val, val)
+        if row.get("retain_loss") is not None:
+            self.final_retain = row["retain_loss"]
 
     def finish(self, report: Callable[[dict[str, Any]], None], step: int, outcome: Outcome,
                extra: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
@@ -89,7 +103,7 @@ class RunStats:
         (its step counts as run, its metrics do not enter best/final val loss or the skips).
         """
         if outcome is not Outcome.COMPLETED:
-            self.steps_done = step + 1
+            self.steps_done = step
         wall = time.perf_counter() - self.started
         summary = {
             **row,
@@ -104,6 +118,10 @@ class RunStats:
             "skipped_steps": self.skipped,
             "best_val_loss": self.best_val,
             "final_val_loss": self.final_val,
+            "base_val_loss": self.base_val,
+            "improvement": improvement(self.best_val, self.base_val),
+            "base_retain_loss": self.base_retain,
+            "final_retain_loss": self.final_retain,
             "wall_time_s": wall,
             "steps_per_s": self.steps_done / wall if wall > 0 else None,
             "peak_memory_mb": peak_memory_mb(self.device),
@@ -111,3 +129,11 @@ class RunStats:
         }
         report(summary)
         return summary
+
+
+def improvement(best: float | None, base: float | None) -> float | None:
+    """1 - best / base: the share of the base's validation loss the fine-tune removed (negative
+    when it made the model worse); None when either is unknown."""
+    if best is None or base is None or base <= 0:
+        return None
+    return 1.0 - best / base
