@@ -292,7 +292,7 @@ def curves(runs: Sequence[Run], top: int = 8) -> Figure:
         shown = f"the {len(div_ids)} that looked best" if len(div_ids) < div.num_rows else "all"
         panels = ((left, f"top {len(best)} trials (completed / pruned / running)", best, ""),
                   (right, f"diverged trials up to divergence ({shown}; x = last finite value)",
-                   div_ids, f"{no_curve} diverged before their first validation: no curve"
+                   div_ids, f"{no_curve} diverged before any validation after the base: no curve"
                    if no_curve else "no trial diverged"))
         bases: list[float] = []
         for ax, title, ids, empty in panels:
@@ -306,7 +306,8 @@ def curves(runs: Sequence[Run], top: int = 8) -> Figure:
                 ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.14),
                           ncols=2, frameon=False)
             if empty and (not ids or no_curve):
-                ax.text(0.5, 0.5 if not ids else 0.03, empty if not ids else f"(+ {empty})",
+                # below the middle: the base line is drawn across the middle of an empty panel
+                ax.text(0.5, 0.35 if not ids else 0.03, empty if not ids else f"(+ {empty})",
                         ha="center", va="center" if not ids else "bottom",
                         transform=ax.transAxes, fontsize=11 if not ids else 8, color="grey")
         if every:
