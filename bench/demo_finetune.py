@@ -140,6 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   if spread else None)
     noise = validation_noise(int(TrialConfig.model_fields["val_draws"].default),
                              args.draws_seeds, {**base, "lr": best["lr"]})
+    targets = {"improvement>=0.30": (best["mean_improvement"] or 0) >= 0.30,
+               "separation>=10": separation is not None and separation >= 10,
+               "low_lr_share<0.5": low_share is not None and low_share < 0.5,
+               "high_lr_forgets_or_diverges": high_forgets}
     result = {
         "benchmark": "demo_finetune", "precision": args.precision, "steps": args.steps,
         "seeds": seeds, "base_val_loss": c.rounded(base_val, 5),
@@ -147,10 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "best_lr": best["lr"], "improvement": c.rounded(best["mean_improvement"]),
         "seed_spread": c.rounded(spread, 6), "separation": c.rounded(separation, 1),
         "low_lr_share": c.rounded(low_share), "high_lr_forgets_or_diverges": high_forgets,
-        "targets": {"improvement>=0.30": (best["mean_improvement"] or 0) >= 0.30,
-                    "separation>=10": separation is not None and separation >= 10,
-                    "low_lr_share<0.5": low_share is not None and low_share < 0.5,
-                    "high_lr_forgets_or_diverges": high_forgets},
+        "targets": targets, "target_met": all(targets.values()),
         "val_draws": noise,
         "per_lr": [{k: (c.rounded(v, 5) if isinstance(v, float) and k != "lr" else v)
                     for k, v in t.items()} for t in table],
