@@ -422,14 +422,8 @@ def run_synthetic(args: argparse.Namespace, seeds: list[int],
             search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=args.concurrency))
 
     def spec(seed: int) -> dict[str, Any]:
-        return {
-            "trial": "synthetic", "metric": "val_loss", "mode": "min",
-            "search": {"algorithm": "optuna", "num_samples": args.trials, "seed": seed,
-                       "max_concurrent": args.concurrency},
-            "scheduler": {"type": "asha", "grace_period": args.grace, "reduction_factor": 3},
-            "resources": {"cpu": 1, "gpu": 0}, "fixed": fixed,
-            "space": {"lr": {"loguniform": list(LR_RANGE)}},
-        }
+        return tune_sana_spec(args, seed, "synthetic", fixed,
+                              {"lr": {"loguniform": list(LR_RANGE)}})
 
     runs = compare(seeds, threshold, args.concurrency, args.workdir, random_run, spec)
     head = {"benchmark": "search_efficiency", "trial": "synthetic", "seeds": seeds,
@@ -437,6 +431,18 @@ def run_synthetic(args: argparse.Namespace, seeds: list[int],
             "best_val_loss": c.rounded(best, 6), "threshold": c.rounded(threshold, 6),
             "random_hit_probability": c.rounded(p_hit, 4)}
     return finish(args, seeds, summarize(runs), head, load0, started)
+
+
+def tune_sana_spec(args: argparse.Namespace, seed: int, trial: str, fixed: dict[str, Any],
+                   space: dict[str, Any]) -> dict[str, Any]:
+    """tune-sana's side of one searcher seed: Optuna + ASHA on val_loss, one CPU a trial."""
+    return {
+        "trial": trial, "metric": "val_loss", "mode": "min",
+        "search": {"algorithm": "optuna", "num_samples": args.trials, "seed": seed,
+                   "max_concurrent": args.concurrency},
+        "scheduler": {"type": "asha", "grace_period": args.grace, "reduction_factor": 3},
+        "resources": {"cpu": 1, "gpu": 0}, "fixed": fixed, "space": space,
+    }
 
 
 def run_demo(args: argparse.Namespace, seeds: list[int], load0: tuple[float, float, float],
@@ -468,13 +474,7 @@ def run_demo(args: argparse.Namespace, seeds: list[int], load0: tuple[float, flo
             search_alg=until_found(marker, seed, args.concurrency))
 
     def spec(seed: int) -> dict[str, Any]:
-        return {
-            "trial": "sana_finetune", "metric": "val_loss", "mode": "min",
-            "search": {"algorithm": "optuna", "num_samples": args.trials, "seed": seed,
-                       "max_concurrent": args.concurrency},
-            "scheduler": {"type": "asha", "grace_period": args.grace, "reduction_factor": 3},
-            "resources": {"cpu": 1, "gpu": 0}, "fixed": fixed, "space": DEMO_SPACE,
-        }
+        return tune_sana_spec(args, seed, "sana_finetune", fixed, DEMO_SPACE)
 
     runs = (compare(seeds, threshold, args.concurrency, args.workdir, random_run, spec)
             if seeds else {"random": [], "tune_sana": []})  # --seeds '': the optimum only
