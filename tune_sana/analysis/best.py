@@ -33,9 +33,9 @@ from tune_sana.analysis.noise import (
     BEST,
     CONFIRM,
     CONFIRM_HINT,
+    LIKE_BEST,
     confirmed,
     has_confirm,
-    told_apart,
 )
 from tune_sana.analysis.runs import effective_configs
 from tune_sana.config import UserError, build_config
@@ -165,7 +165,7 @@ def _versus_runner_up(winner: dict[str, Any], others: list[dict[str, Any]]) -> s
     if winner["se"] is None or second["se"] is None:
         return f"the winner cannot be told apart from the {named} (standard error unknown)"
     bound = 2 * math.sqrt(winner["se"] ** 2 + second["se"] ** 2)
-    if told_apart(winner["mean"], winner["se"], second["mean"], second["se"]):
+    if second["vs_best"] != LIKE_BEST:  # confirmed() marked it by the noise rule
         return f"{named}: worse beyond the noise (difference {diff:.2g} > 2 x combined SE " \
                f"{bound:.2g})"
     return (f"the winner cannot be told apart from the {named} (difference {diff:.2g} <= "

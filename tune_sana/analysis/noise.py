@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -117,19 +117,25 @@ def _search_values(trials: pa.Table) -> pa.Table:
 
 def _vs_best(stats: pa.Table) -> pa.Array:
     """The ``vs_best`` marks of ``stats`` (sorted by mean): against the first row that
-    qualifies (no diverged seed, a mean)."""
-    qualifies = pc.and_(pc.equal(stats["diverged"], 0), pc.is_valid(stats["mean"]))
-    index = pc.index(qualifies, True).as_py()
-    if index < 0:
+    qualifies (no diverged seed, a mean), by :func:`told_apart`. One row per confirmed
+    configuration (top_k of them), so the rule is applied row by row."""
+    rows = stats.select(["diverged", "mean", "se"]).to_pylist()
+    index = next((i for i, r in enumerate(rows) if r["diverged"] == 0 and r["mean"] is not None),
+                 None)
+    if index is None:
         return pa.nulls(stats.num_rows, pa.string())
-    best_mean, best_se = stats["mean"][index], stats["se"][index]
-    bound = pc.multiply(pc.sqrt(pc.add(pc.power(stats["se"], 2), pc.power(best_se, 2))), 2.0)
-    apart = pc.fill_null(pc.greater(pc.abs(pc.subtract(stats["mean"], best_mean)), bound),
-                         False)
-    lower = pc.less(stats["mean"], best_mean)
-    marks = pc.if_else(apart, pc.if_else(lower, BETTER, WORSE), LIKE_BEST)
-    marks = pc.if_else(pa.array(np.arange(stats.num_rows) == index), BEST, marks)
-    return pc.if_else(pc.is_valid(stats["mean"]), marks, pa.scalar(None, pa.string()))
+    best = rows[index]
+
+    def mark(i: int, row: dict[str, Any]) -> str | None:
+        if row["mean"] is None:
+            return None
+        if i == index:
+            return BEST
+        if not told_apart(row["mean"], row["se"], best["mean"], best["se"]):
+            return LIKE_BEST
+        return BETTER if row["mean"] < best["mean"] else WORSE
+
+    return pa.array([mark(i, r) for i, r in enumerate(rows)], pa.string())
 
 
 def _vs_base(stats: pa.Table) -> pa.Array:
