@@ -23,6 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "steps": 50,
     "seed": 0,
     "diverge_above": 1e-2,
+    # The lr above which it diverges varies with the seed: diverge_above * 10**(spread * u),
+    # u uniform in [-1, 1) drawn from the seed (0: the same for every seed).
+    "diverge_spread": 0.0,
     "nan_from": None,
     "step_seconds": 0.0,
     "eval_every": 5,
@@ -39,7 +42,9 @@ def run(config: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> dic
     lr = float(cfg["lr"])
     # The best lr is 1e-3: speed falls off with the log-distance from it.
     speed = math.exp(-abs(math.log10(lr) - math.log10(1e-3)))
-    diverges_at = 5 if lr > cfg["diverge_above"] else cfg["nan_from"]
+    jitter = random.Random(f"diverge-{cfg['seed']}").uniform(-1.0, 1.0)
+    threshold = cfg["diverge_above"] * 10 ** (cfg["diverge_spread"] * jitter)
+    diverges_at = 5 if lr > threshold else cfg["nan_from"]
     row: dict[str, Any] = {}
     for step in range(1, cfg["steps"] + 1):  # a step counts updates done
         if cfg["step_seconds"]:

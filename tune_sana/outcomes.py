@@ -31,12 +31,23 @@ TRIAL_VERDICTS: tuple[str, ...] = (Outcome.COMPLETED.value, Outcome.DIVERGED.val
 
 
 class Stage(str, enum.Enum):
-    """Which part of a sweep ran a trial: the search, or the confirm stage that re-runs the
-    top configurations with fresh seeds (a row without a stage was written before stages
-    existed: a search trial)."""
+    """Which part of a sweep ran a trial: the search, the confirm stage that re-runs the top
+    configurations with fresh seeds, or a frontier search (a row without a stage was written
+    before stages existed: a search trial)."""
 
     SEARCH = "search"
     CONFIRM = "confirm"
+    FRONTIER = "frontier"  # a probe of the frontier search (engine/frontier.py)
+
+
+class Verdict(str, enum.Enum):
+    """Where a frontier search left one combination of categorical settings."""
+
+    BRACKETED = "bracketed"  # stable_lr < boundary <= diverged_lr, within the tolerance
+    STABLE_TO_UPPER = "stable_to_upper"  # finite in every seed at the space's upper lr bound
+    UNSTABLE_AT_LOWER = "unstable_at_lower"  # diverges already at the space's lower lr bound
+    SEARCHING = "searching"  # not settled yet (or the trial budget ran out first)
+    ERROR = "error"  # a probe raised: no verdict (the message is kept)
 
 
 class Cause(str, enum.Enum):

@@ -3,8 +3,9 @@
 Every reported row goes to history/; every finished trial becomes one trials.parquet row with
 its outcome: ``completed`` or ``diverged`` as the trial said, ``pruned`` when the scheduler
 stopped a finite trial early, ``error`` when it raised (with the message). The row also says
-the trial's ``stage`` (``search``, or ``confirm`` for the confirm stage's replicas) and its
-``config_id`` (engine/confirm.py).
+the trial's ``stage`` (``search``, ``confirm`` for the confirm stage's replicas, ``frontier``
+for a frontier search's probes), its ``config_id`` (engine/confirm.py) and, for a probe, the
+``combo_id`` of the combination it maps (engine/frontier.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ray.tune import Callback
 
 from tune_sana.config import Precision, TrialConfig
 from tune_sana.engine.confirm import STAGE_SEARCH, config_id
+from tune_sana.engine.frontier import combo_id
 from tune_sana.engine.relay import unpack
 from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec
 from tune_sana.outcomes import FINISHED, FINITE, TRIAL_VERDICTS, Outcome
@@ -61,11 +63,13 @@ class ResultsRecorder(Callback):
 
     def __init__(self, run_dir: str, spec_yaml: str, *, progress_every_s: float,
                  stream: TextIO | None = None, resume: bool = False,
-                 fixed: dict[str, Any] | None = None, stage: str = STAGE_SEARCH) -> None:
+                 fixed: dict[str, Any] | None = None, stage: str = STAGE_SEARCH,
+                 combo_keys: tuple[str, ...] = ()) -> None:
         self.run_dir = run_dir
         self.spec_yaml = spec_yaml
         self.fixed = dict(fixed or {})
         self.stage = stage
+        self.combo_keys = tuple(combo_keys)
         self.progress_every_s = progress_every_s
         self._stream = stream
         self._resume = resume
@@ -84,10 +88,11 @@ class ResultsRecorder(Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {"run_dir": self.run_dir, "spec_yaml": self.spec_yaml,
                 "progress_every_s": self.progress_every_s, "fixed": self.fixed,
-                "stage": self.stage}
+                "stage": self.stage, "combo_keys": self.combo_keys}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.stage = STAGE_SEARCH  # pickled before stages existed
+        self.combo_keys = ()
         self.__dict__.update(state)
         self._stream = None
         self._resume = True
@@ -171,6 +176,8 @@ class ResultsRecorder(Callback):
             summary["pairing"] = _pairing(config)  # the trial's summary never came
         summary["stage"] = self.stage
         summary["config_id"] = config_id(config)
+        if self.combo_keys:  # a frontier probe: the combination of categorical values it maps
+            summary["combo_id"] = combo_id({k: config.get(k) for k in self.combo_keys})
         self.writer.finish_trial(trial.trial_id, config, summary)
         outcome = str(summary["outcome"])
         self._counts[outcome] += 1

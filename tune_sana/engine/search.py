@@ -102,11 +102,18 @@ def tpe_sampler(seed: int | None, n_startup_trials: int) -> optuna.samplers.TPES
         return optuna.samplers.TPESampler(**kwargs, gamma=good_trials)
 
 
-def build_searcher(spec: SweepSpec) -> tuple[Searcher, dict[str, Any]]:
-    """(search_alg, param_space for the Tuner). Optuna holds its own space; grid and random use
-    Ray's variant generator over the param_space. Both run search.points_to_evaluate first."""
+def build_searcher(spec: SweepSpec, run_dir: str | None = None
+                   ) -> tuple[Searcher, dict[str, Any]]:
+    """(search_alg, param_space for the Tuner). Optuna and frontier hold their own space (the
+    frontier searcher writes frontier.parquet into ``run_dir``); grid and random use Ray's
+    variant generator over the param_space. All but frontier run search.points_to_evaluate
+    first."""
     from tune_sana.engine.space import ray_space, starting_points
 
+    if spec.search.algorithm == "frontier":
+        from tune_sana.engine.frontier import FrontierSearcher
+
+        return FrontierSearcher(spec, run_dir, metric=spec.metric, mode=spec.mode), {}
     if spec.search.algorithm == "optuna":
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = tpe_sampler(spec.search.seed,

@@ -76,10 +76,18 @@ class ConfirmSpec(_Strict):
     seeds: int = Field(2, ge=1, description="fresh seeds (unused by the search) per configuration")
 
 
+class FrontierSpec(_Strict):
+    """The frontier search (engine/frontier.py): how narrow a bracket, how many seeds."""
+
+    tolerance: float = Field(1.25, gt=1, description="bracket ratio diverged_lr / stable_lr "
+                             "to reach")
+    seeds: int = Field(2, ge=1, description="trial seeds run at both ends of the final bracket")
+
+
 class SearchSpec(_Strict):
     """How configurations are proposed."""
 
-    algorithm: Literal["random", "grid", "optuna"] = "optuna"
+    algorithm: Literal["random", "grid", "optuna", "frontier"] = "optuna"
     num_samples: int = Field(16, ge=1, description="trials to run (grid: repeats of the grid)")
     seed: int = Field(0, ge=0, description="seeds the searcher, so a sweep repeats")
     max_concurrent: int = Field(2, ge=1, description="trials running at once")
@@ -88,6 +96,8 @@ class SearchSpec(_Strict):
         "drawn); counted in num_samples")
     confirm: ConfirmSpec | None = Field(None, description="re-run the best configurations "
                                         "with fresh seeds after the search (off when absent)")
+    frontier: FrontierSpec | None = Field(None, description="settings of algorithm frontier "
+                                          "(defaults when absent)")
 
 
 class SchedulerSpec(_Strict):
@@ -198,7 +208,8 @@ def parse_spec(raw: Mapping[str, Any], source: str, *, fixed_by_set: Collection[
             section = _locate(first["loc"][:-1])
             bad = str(first["loc"][-1])
             sections: dict[str, type[BaseModel]] = {
-                "search": SearchSpec, "search.confirm": ConfirmSpec, "scheduler": SchedulerSpec,
+                "search": SearchSpec, "search.confirm": ConfirmSpec,
+                "search.frontier": FrontierSpec, "scheduler": SchedulerSpec,
                 "resources": ResourcesSpec}
             model = sections.get(section, sections.get(section.split(".")[0], Dimension))
             valid = DISTRIBUTIONS if model is Dimension else tuple(model.model_fields)
@@ -208,7 +219,39 @@ def parse_spec(raw: Mapping[str, Any], source: str, *, fixed_by_set: Collection[
     _check_against_trial(spec, source)
     _check_searchable(spec, source, fixed_by_set)
     _check_points(spec, source)
+    _check_frontier(spec, source)
     return spec
+
+
+def _check_frontier(spec: SweepSpec, source: str) -> None:
+    """What a frontier search needs of a space (engine/frontier.py); search.frontier without
+    it is a mistake worth naming."""
+    if spec.search.algorithm != "frontier":
+        if spec.search.frontier is not None:
+            raise UserError(f"{source}: search.frontier applies to search.algorithm frontier "
+                            f"(this is {spec.search.algorithm}); drop it or set the algorithm")
+        return
+    where = f"{source}: search.algorithm frontier"
+    logs = [k for k, d in spec.space.items() if d.kind == "loguniform"]
+    if len(logs) != 1:
+        raise UserError(f"{where} bisects one loguniform key (the learning rate); the space has "
+                        f"{len(logs)} ({', '.join(logs) or 'none'}); give exactly one, e.g. "
+                        "lr: {loguniform: [1.0e-5, 1.0]}")
+    loose = [k for k, d in spec.space.items() if d.kind in ("uniform", "int")]
+    if loose:
+        raise UserError(f"{where}: space.{loose[0]} is {spec.space[loose[0]].kind}; every key "
+                        "but the learning rate must be a choice (the combinations to map); "
+                        "make it a choice or move it to fixed")
+    if spec.scheduler.type != "fifo":
+        raise UserError(f"{where} judges every trial over its whole step budget, but "
+                        f"scheduler.type is {spec.scheduler.type} (it would prune finite "
+                        "trials); set scheduler: {type: fifo}")
+    for key, why in (("points_to_evaluate", "it chooses every trial itself"),
+                     ("confirm", "it has no best configuration to confirm")):
+        if getattr(spec.search, key):
+            raise UserError(f"{where}: {why}; drop search.{key}")
+    if "seed" in spec.space:
+        raise UserError(f"{where} runs its own seeds (search.frontier.seeds); drop space.seed")
 
 
 def _check_searchable(spec: SweepSpec, source: str, fixed_by_set: Collection[str]) -> None:
@@ -351,10 +394,11 @@ def starting_points(spec: SweepSpec) -> list[dict[str, Any]]:
 
 
 def search_trials(spec: SweepSpec) -> int:
-    """The trials a finished search has run: num_samples for optuna; for random and grid each
-    sample runs every combination of the grid keys (Ray's variant generator), and a starting
-    point runs every combination of the grid keys it leaves out."""
-    if spec.search.algorithm == "optuna":
+    """The trials a finished search has run: num_samples for optuna (and at most that for
+    frontier, which ends by itself); for random and grid each sample runs every combination of
+    the grid keys (Ray's variant generator), and a starting point runs every combination of the
+    grid keys it leaves out."""
+    if spec.search.algorithm in ("optuna", "frontier"):
         return spec.search.num_samples
 
     def combinations(keys: Collection[str]) -> int:

@@ -351,8 +351,8 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
     if restore:
         return tune.Tuner.restore(location.text, trainable, resume_unfinished=True,
                                   resume_errored=True)
-    searcher, param_space = build_searcher(spec)
-    if spec.search.algorithm == "optuna":
+    searcher, param_space = build_searcher(spec, str(run_dir))
+    if spec.search.algorithm in ("optuna", "frontier"):
         # Limit concurrency in the searcher itself: Tuner.restore keeps the searcher, but drops
         # TuneConfig.max_concurrent_trials (it sees an already wrapped search algorithm).
         searcher = ConcurrencyLimiter(searcher, max_concurrent=spec.search.max_concurrent)
@@ -365,7 +365,7 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
         scheduler = FIFOScheduler()
     recorder = ResultsRecorder(str(run_dir), spec.to_yaml(),
                                progress_every_s=options.progress_every_s, resume=options.resume,
-                               fixed=dict(spec.fixed))
+                               fixed=dict(spec.fixed), **_stage_of(spec))
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -375,6 +375,15 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
         ),
         run_config=_run_config(spec, location, recorder),
     )
+
+
+def _stage_of(spec: SweepSpec) -> dict[str, Any]:
+    """The recorder's stage for the main Tuner: search, or frontier with its combo keys."""
+    if spec.search.algorithm != "frontier":
+        return {}
+    from tune_sana.engine import frontier
+
+    return {"stage": frontier.STAGE, "combo_keys": frontier.combo_keys(spec)}
 
 
 def build_confirm_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str],

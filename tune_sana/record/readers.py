@@ -15,6 +15,8 @@ import yaml
 
 from tune_sana.config import UserError
 from tune_sana.record.schema import (
+    FRONTIER_FILE,
+    FRONTIER_SCHEMA,
     HISTORY_DIR,
     HISTORY_SCHEMA,
     SPEC_FILE,
@@ -77,6 +79,19 @@ def read_history(run_dir: str | os.PathLike[str] | Location, columns: list[str] 
     dataset = ds.dataset(files, schema=HISTORY_SCHEMA, format="parquet", filesystem=folder.fs)
     flt = ds.field("trial_id").isin(list(trial_ids)) if trial_ids is not None else None
     return dataset.to_table(columns=columns, filter=flt)
+
+
+def read_frontier(run_dir: str | os.PathLike[str] | Location) -> pa.Table | None:
+    """frontier.parquet of a frontier search (one row per combination), or None for a run
+    that has none. Columns as FRONTIER_SCHEMA."""
+    path = Location.of(run_dir) / FRONTIER_FILE
+    if not path.is_file():
+        return None
+    table = path.read_table()
+    for column in FRONTIER_SCHEMA:  # a column a later version added comes back as nulls
+        if column.name not in table.column_names:
+            table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+    return table.select(FRONTIER_SCHEMA.names)
 
 
 def read_metadata(path: str | os.PathLike[str] | Location) -> dict[str, str]:

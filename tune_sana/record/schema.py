@@ -25,8 +25,11 @@ from tune_sana.config import TrialConfig
 
 # 2: history retain_loss and a step-0 row (the untouched base); trials base_val_loss,
 #    improvement, base/final_retain_loss, stage and config_id. Step = optimizer updates done.
-SCHEMA_VERSION = 2
+# 3: trials combo_id (the frontier search's combination of categorical settings); the run's
+#    frontier.parquet.
+SCHEMA_VERSION = 3
 TRIALS_FILE = "trials.parquet"
+FRONTIER_FILE = "frontier.parquet"
 HISTORY_DIR = "history"
 SPEC_FILE = "sweep.yaml"
 
@@ -70,6 +73,7 @@ SUMMARY_FIELDS: list[pa.Field] = [
     pa.field("retries", pa.int64()),
     pa.field("stage", pa.string()),
     pa.field("config_id", pa.string()),
+    pa.field("combo_id", pa.string()),
     pa.field("config_json", pa.string()),
     pa.field("ended_at", pa.float64()),
 ]
@@ -97,6 +101,36 @@ TRIALS_SCHEMA = pa.schema(
     [pa.field("trial_id", pa.string(), nullable=False), *CONFIG_FIELDS, *SUMMARY_FIELDS]
 )
 CONFIG_NAMES: tuple[str, ...] = tuple(f.name for f in CONFIG_FIELDS)
+
+
+# frontier.parquet: one row per combination of the categorical settings of a frontier search
+# (engine/frontier.py), rewritten atomically as its bracket narrows. lr values are the searched
+# key's (the one loguniform dimension); "seeds" count trials run at that lr with distinct seeds.
+FRONTIER_SCHEMA = pa.schema([
+    pa.field("combo_id", pa.string(), nullable=False),  # trials.parquet rows carry it too
+    pa.field("combo_json", pa.string(), nullable=False),  # {key: value} of the categoricals
+    pa.field("label", pa.string(), nullable=False),  # "precision fp16-amp, attention_fp32 true"
+    pa.field("lr_key", pa.string(), nullable=False),  # the bisected key (lr)
+    # bracketed | stable_to_upper | unstable_at_lower | searching (budget ran out) | error
+    pa.field("verdict", pa.string(), nullable=False),
+    pa.field("lr_low", pa.float64()),  # the space's bounds
+    pa.field("lr_high", pa.float64()),
+    pa.field("stable_lr", pa.float64()),  # largest lr finite in every seed run there
+    pa.field("diverged_lr", pa.float64()),  # smallest lr above it that diverged in any seed
+    pa.field("ratio", pa.float64()),  # diverged_lr / stable_lr
+    pa.field("tolerance", pa.float64()),
+    pa.field("stable_seeds", pa.int64()),  # seeds run at stable_lr (all finite)
+    pa.field("diverged_seeds", pa.int64()),  # seeds run at diverged_lr
+    pa.field("diverged_count", pa.int64()),  # of those, how many diverged
+    pa.field("divergence_cause", pa.string()),  # at diverged_lr: the first diverged seed's
+    pa.field("diverged_step", pa.int64()),
+    pa.field("nonfinite_module", pa.string()),
+    pa.field("trials", pa.int64()),  # frontier trials run for this combination
+    pa.field("trial_steps", pa.int64()),  # their steps, summed
+    pa.field("error", pa.string()),  # verdict error: the trial's message
+    pa.field("probes_json", pa.string()),  # [[lr, seed, outcome, steps], ...] by lr, seed
+    pa.field("updated_at", pa.float64()),
+])
 
 
 def file_metadata(spec_yaml: str = "") -> dict[bytes, bytes]:
