@@ -113,9 +113,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from tune_sana.analysis.best import best
+    from tune_sana.analysis.best import best_config, format_config
 
-    print(best(args.run_dir, args.format), end="")
+    _, config, header = best_config(args.run_dir, args.frontier, args.margin)
+    if args.format == "json" and args.frontier is not None:  # JSON has no header: say it here
+        print(f"tune-sana: {header.splitlines()[0]}", file=sys.stderr)
+    print(format_config(config, args.format, header), end="")
     return 0
 
 
@@ -209,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "the run has a confirm stage), for trial --config")
     best.add_argument("run_dir")
     best.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    best.add_argument("--frontier", metavar="RUN_DIR",
+                      help="a frontier run (search.algorithm: frontier): choose only among "
+                      "trials whose lr is at most --margin x their combination's stable lr there")
+    best.add_argument("--margin", type=float, metavar="X",
+                      help="fraction of the stable lr, in (0, 1] (default 0.5 with --frontier)")
     best.set_defaults(func=cmd_best)
 
     cache = sub.add_parser("cache", help="encode an image folder or manifest once (DC-AE "

@@ -9,6 +9,11 @@ trial's (a replica of it differs in seed only). Without a confirm stage (or befo
 configuration qualifies), best = the lowest best validation loss among ``completed`` trials
 (ties: the smaller trial id), and the header says that it rests on one seed.
 
+With a frontier run (``--frontier RUN --margin X``), only trials whose lr is at most X times
+the stable lr of their combination in that run's frontier (:func:`frontier.within_margin`)
+qualify, confirm replicas included; the header's first line says how many trials that left out
+and why. X is in (0, 1]; 0.5 when only the frontier is given.
+
 Pruned, diverged, errored and running trials never qualify. The values are the trial's
 effective configuration (:func:`tune_sana.analysis.runs.effective_configs`); the keys are
 TrialConfig fields only: the ones the run searched or fixed (from its spec) plus any other
@@ -28,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
+from tune_sana.analysis import frontier as frontier_mod
 from tune_sana.analysis.noise import (
     BEATS_BASE,
     BEST,
@@ -44,8 +50,9 @@ from tune_sana.record.readers import read_run_spec, read_trial_columns
 from tune_sana.record.schema import CONFIG_NAMES
 
 USE = "use: tune-sana trial --config <this file>"
+DEFAULT_MARGIN = 0.5  # with --frontier and no --margin
 _COLUMNS = ["trial_id", *CONFIG_NAMES, "outcome", "best_val_loss", "base_val_loss",
-            "improvement", "stage", "config_id"]
+            "improvement", "stage", "config_id", "config_json"]
 
 
 def _completed(trials: pa.Table) -> pa.Table:
@@ -106,10 +113,59 @@ def _gain(base: float, mean: float) -> str:
     return "-" if base == 0 else f"{100 * (1 - mean / base):.1f}%"
 
 
-def best_config(run_dir: str | os.PathLike[str]) -> tuple[str, dict[str, Any], str]:
+def check_margin(frontier: str | os.PathLike[str] | None, margin: float | None) -> float | None:
+    """The margin to apply (None: no frontier); UserError for --margin without --frontier or
+    outside (0, 1]."""
+    if frontier is None:
+        if margin is not None:
+            raise UserError(f"--margin {margin:g} needs --frontier RUN_DIR (the frontier run "
+                            "whose stable lr it scales); add --frontier, or drop --margin")
+        return None
+    margin = DEFAULT_MARGIN if margin is None else margin
+    if not 0 < margin <= 1:
+        raise UserError(f"--margin {margin:g}: must be in (0, 1], the fraction of the stable "
+                        f"lr a trial may use (e.g. --margin {DEFAULT_MARGIN:g})")
+    return margin
+
+
+def _within_frontier(trials: pa.Table, run_dir: str | os.PathLike[str],
+                     frontier: str | os.PathLike[str], margin: float) -> tuple[pa.Table, str]:
+    """(the trials within ``margin`` of their combination's stable lr in ``frontier``, the
+    header line saying how many were left out and why)."""
+    table = frontier_mod.read(frontier)
+    if table is None:
+        raise UserError(f"--frontier {frontier}: no frontier.parquet there; pass the run dir of "
+                        "a 'search.algorithm: frontier' sweep")
+    spec = read_run_spec(run_dir)
+    keep, counts = frontier_mod.within_margin(effective_configs(trials, spec), table, margin,
+                                              spec.fixed)
+    lr_keys = sorted({k or "lr" for k in table["lr_key"].to_pylist()}) or ["lr"]
+    line = frontier_mod.margin_line(frontier, margin, int(keep.sum()), trials.num_rows, counts,
+                                    "/".join(lr_keys))
+    kept = trials.filter(pa.array(keep))
+    if _completed(kept).num_rows == 0:
+        raise UserError(f"{run_dir}: no completed trial within --margin {margin:g} of its "
+                        f"combination's stable lr ({line.split('; ', 1)[1]}); raise --margin "
+                        "(at most 1) or run a frontier over the settings this search used")
+    return kept, line
+
+
+def best_config(run_dir: str | os.PathLike[str], frontier: str | os.PathLike[str] | None = None,
+                margin: float | None = None) -> tuple[str, dict[str, Any], str]:
     """(trial id whose config is printed, config dict, header text) of the run's best
-    configuration, as the module says."""
+    configuration, as the module says; with ``frontier``, among the trials within ``margin``
+    of their combination's stable lr there."""
+    margin = check_margin(frontier, margin)
     trials = read_trial_columns(run_dir, _COLUMNS)
+    if frontier is not None and margin is not None:
+        trials, line = _within_frontier(trials, run_dir, frontier, margin)
+        trial_id, config, header = _best_of(trials, run_dir)
+        return trial_id, config, f"{line}\n{header}"
+    return _best_of(trials, run_dir)
+
+
+def _best_of(trials: pa.Table, run_dir: str | os.PathLike[str]) -> tuple[str, dict[str, Any], str]:
+    """:func:`best_config` over ``trials`` (all of the run's, or those a margin kept)."""
     if not has_confirm(trials):
         row = _lowest(trials, run_dir, trials)
         return row["trial_id"][0].as_py(), _config(row, run_dir), _single(row, run_dir, "")
@@ -198,7 +254,8 @@ def _single(row: pa.Table, run_dir: str | os.PathLike[str], why: str) -> str:
     return "\n".join(lines)
 
 
-def best(run_dir: str | os.PathLike[str], fmt: Literal["yaml", "json"] = "yaml") -> str:
+def best(run_dir: str | os.PathLike[str], fmt: Literal["yaml", "json"] = "yaml",
+         frontier: str | os.PathLike[str] | None = None, margin: float | None = None) -> str:
     """The text ``tune-sana best`` prints."""
-    _, config, header = best_config(run_dir)
+    _, config, header = best_config(run_dir, frontier, margin)
     return format_config(config, fmt, header)

@@ -5,7 +5,12 @@
   finite validation loss after an update (read from history), or on the top edge if they never
   had one. The base (the untouched model's validation loss) is a dashed line labelled "base":
   one line when all trials share it, else one per precision mode in its colour. One panel
-  per run dir.
+  per run dir. A frontier run (one with frontier.parquet) also gets its stability frontier, one
+  line per combination of its categorical settings in its precision's colour (one line style
+  per combination within a precision): a solid vertical line at the stable lr and a shaded
+  band up to the diverged lr; "stable to the upper bound" ends in a right-pointing marker at
+  the bound, "unstable at the lower bound" is a dashed line with a left-pointing marker at the
+  lower bound; a combination still searching is dotted; an error draws nothing.
 - ``curves.png``: validation loss against step for the top trials, and for the diverged trials
   that looked best, up to their divergence; curves start at the step-0 row (the base), which
   is also drawn as a line. One row per run dir.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +32,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
+from tune_sana.analysis import frontier as frontier_mod
 from tune_sana.analysis.runs import Run
 from tune_sana.analysis.tables import PRECISION_ORDER, divergence_causes, ranking
 from tune_sana.config import UserError
-from tune_sana.outcomes import FINITE, Outcome
+from tune_sana.outcomes import FINITE, Outcome, Verdict
 from tune_sana.record.readers import read_history
 
 MARKERS = {"fp32": "o", "fp16-amp": "s", "bf16-amp": "^", "fp16": "D", "bf16": "v"}
@@ -138,6 +145,110 @@ def stability_points(run: Run) -> pa.Table:
         "y", y).sort_by("trial_id")
 
 
+# --- the stability frontier ------------------------------------------------------------------
+
+FRONTIER_STYLES = ["-", "--", "-.", ":"]  # one per combination within a precision
+FRONTIER_GREY = "#444444"  # a combination without a precision key
+
+
+@dataclass(frozen=True)
+class FrontierLine:
+    """How one combination of a frontier run is drawn on the map."""
+
+    label: str
+    precision: str | None
+    verdict: str
+    stable_lr: float | None
+    diverged_lr: float | None
+    lr_low: float | None
+    lr_high: float | None
+    colour: str
+    style: str
+
+    @property
+    def drawn_style(self) -> Any:
+        """The style its line is drawn in: dashed when unstable at the lower bound, dotted
+        while not settled, else its own."""
+        if self.verdict == Verdict.UNSTABLE_AT_LOWER.value:
+            return "--"
+        return ":" if self.verdict == Verdict.SEARCHING.value else self.style
+
+    @property
+    def legend(self) -> str:
+        """'frontier fp16-amp, variant fp16: 3.1e-4..3.9e-4' (the label without its leading
+        'precision ')."""
+        stable, diverged = frontier_mod.fmt_lrs(self.stable_lr, self.diverged_lr)
+        name = self.label.removeprefix("precision ") or frontier_mod.NO_SETTING
+        if self.verdict == Verdict.BRACKETED.value:
+            return f"frontier {name}: {stable}..{diverged}"
+        if self.verdict == Verdict.STABLE_TO_UPPER.value:
+            return f"frontier {name}: stable to the upper bound {stable}"
+        if self.verdict == Verdict.UNSTABLE_AT_LOWER.value:
+            return f"frontier {name}: unstable at the lower bound {diverged}"
+        return f"frontier {name}: not settled ({stable}..{diverged})"
+
+
+def frontier_lines(run: Run) -> list[FrontierLine]:
+    """The combinations of ``run``'s frontier.parquet that have an lr to draw (errors and
+    searching rows with no lr yet are left out), by precision (Precision's order), then in the
+    space's order (the first combination of a precision drawn solid); empty for a run without
+    a frontier."""
+    table = frontier_mod.read(run.path)
+    if table is None:
+        return []
+    lines: list[FrontierLine] = []
+    used: dict[str | None, int] = {}  # precision -> line styles handed out
+    rows = frontier_mod.in_space_order(table, frontier_mod.space_of(run.path))
+    rows.sort(key=lambda r: _precision_rank(frontier_mod.combo(r).get("precision")))  # stable
+    for row in rows:
+        if row["verdict"] == Verdict.ERROR.value or (row["stable_lr"] is None
+                                                     and row["diverged_lr"] is None):
+            continue
+        precision = frontier_mod.combo(row).get("precision")
+        precision = None if precision is None else str(precision)
+        n = used.get(precision, 0)
+        used[precision] = n + 1
+        lines.append(FrontierLine(
+            row["label"], precision, row["verdict"], row["stable_lr"], row["diverged_lr"],
+            row["lr_low"], row["lr_high"],
+            COLOURS.get(precision, FRONTIER_GREY) if precision else FRONTIER_GREY,
+            FRONTIER_STYLES[n % len(FRONTIER_STYLES)]))
+    return lines
+
+
+def _precision_rank(precision: Any) -> int:
+    return PRECISION_ORDER.index(precision) if precision in PRECISION_ORDER else len(
+        PRECISION_ORDER)
+
+
+def _draw_frontier(ax: Any, lines: Sequence[FrontierLine]) -> None:
+    """The frontier lines on ``ax`` (each Line2D labelled with its legend text); markers at a
+    bound sit near the bottom edge, one height per line so that they do not hide each
+    other."""
+    bottom = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, line in enumerate(lines):
+        height = 0.05 + 0.045 * (i % 8)
+        common = {"color": line.colour, "linewidth": 1.8, "zorder": 2.5, "label": line.legend}
+        if line.verdict == Verdict.UNSTABLE_AT_LOWER.value:
+            at = line.diverged_lr if line.diverged_lr is not None else line.lr_low
+            ax.axvline(at, linestyle=line.drawn_style, **common)
+            ax.plot([at], [height], marker="<", markersize=9, color=line.colour,
+                    transform=bottom, clip_on=False, zorder=5, linestyle="")
+            continue
+        settled = line.verdict != Verdict.SEARCHING.value
+        style = line.drawn_style
+        if line.stable_lr is not None:
+            ax.axvline(line.stable_lr, linestyle=style, **common)
+        elif line.diverged_lr is not None:  # searching: only a divergence seen so far
+            ax.axvline(line.diverged_lr, linestyle=style, **common)
+        if line.stable_lr is not None and line.diverged_lr is not None:
+            ax.axvspan(line.stable_lr, line.diverged_lr, color=line.colour,
+                       alpha=0.14 if settled else 0.07, zorder=1, linewidth=0)
+        if line.verdict == Verdict.STABLE_TO_UPPER.value and line.stable_lr is not None:
+            ax.plot([line.stable_lr], [height], marker=">", markersize=9, color=line.colour,
+                    transform=bottom, clip_on=False, zorder=5, linestyle="")
+
+
 # Above this many points in a run, the map gets one panel per precision mode.
 FACET_ABOVE = 150
 
@@ -201,13 +312,18 @@ def stability_map(runs: Sequence[Run]) -> Figure:
         grid = fig.subplots(1, len(runs), sharex=True, sharey=True, squeeze=False)
     edge_total = 0
     bases: list[float] = []
+    drawn_lines: list[FrontierLine] = []
     for r, (run, pts) in enumerate(zip(runs, points, strict=True)):
         panels = ([(grid[r][c], [p]) for c, p in enumerate(precisions)] if facet
                   else [(grid[0][r], precisions)])
         on_edge = 0
+        lines = frontier_lines(run)
         for ax, shown in panels:
             mine = pts.filter(pc.is_in(pts["precision"], pa.array(shown)))
             on_edge += _draw_points(ax, mine, shown, facet)
+            here = [f for f in lines if not facet or f.precision in (None, *shown)]
+            _draw_frontier(ax, here)
+            drawn_lines += [f for f in here if f not in drawn_lines]
             drawn = _draw_base(ax, run.trials.filter(pc.is_in(run.trials["precision"],
                                                               pa.array(shown))))
             bases.extend(drawn)
@@ -238,13 +354,34 @@ def stability_map(runs: Sequence[Run]) -> Figure:
     if bases:
         handles.append(Line2D([], [], color=BASE_COLOUR, linestyle="--",
                               label="base (step 0,\nbefore any update)"))
+    handles += _frontier_handles(drawn_lines)
+    if drawn_lines:  # room for the longer legend beside the panels
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + 1.5, max(height, 0.42 * len(handles) + 1.2))
     fig.legend(handles=handles, loc="outside right center", title="precision / outcome",
                fontsize=9)
     title = "Stability map: learning rate vs validation loss, by precision mode"
+    if drawn_lines:
+        title += ("\nvertical lines: the stability frontier (at the stable lr; shaded up to "
+                  "the diverged lr)")
     if facet and edge_total:
         title += f"\n({edge_total} diverged before any validation: drawn on the top edge)"
     fig.suptitle(title)
     return fig
+
+
+def _frontier_handles(lines: Sequence[FrontierLine]) -> list[Line2D]:
+    """Legend entries: one per frontier line, then one per kind of bound marker drawn."""
+    handles = [Line2D([], [], color=f.colour, linewidth=1.8, linestyle=f.drawn_style,
+                      label=f.legend.replace(": ", ":\n  ", 1)) for f in lines]
+    verdicts = {f.verdict for f in lines}
+    if Verdict.STABLE_TO_UPPER.value in verdicts:
+        handles.append(Line2D([], [], marker=">", color=FRONTIER_GREY, linestyle="",
+                              markersize=8, label="stable to the upper bound"))
+    if Verdict.UNSTABLE_AT_LOWER.value in verdicts:
+        handles.append(Line2D([], [], marker="<", color=FRONTIER_GREY, linestyle="",
+                              markersize=8, label="unstable at the lower bound"))
+    return handles
 
 
 # --- curves ----------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Cells: null prints as ``-``; ``max_grad_norm`` inf (clipping off) as ``none``; an lr decade
 ``d`` as ``1e{d}..1e{d+1}``; lr in scientific notation; ``improvement`` as a percentage; other
-floats with 4 significant digits. A note prints one line per line of text.
+floats with 4 significant digits (the frontier's stable_lr / diverged_lr as lr). A note prints
+one line per line of text, in parentheses; a section's ``text`` (sentences) prints as it is,
+one paragraph per line, under the table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import pyarrow as pa
 
 from tune_sana.analysis.tables import Section
 
+LR_COLUMNS = ("lr", "stable_lr", "diverged_lr")
+
 
 def _formatter(name: str) -> Callable[[Any], str]:
     base = name.split(":", 1)[-1]
@@ -28,7 +32,7 @@ def _formatter(name: str) -> Callable[[Any], str]:
             return f"1e{value}..1e{value + 1}"
         if base == "max_grad_norm" and value == math.inf:
             return "none"
-        if base == "lr":
+        if base in LR_COLUMNS:
             return f"{value:.2e}"
         if base == "improvement":
             return f"{100 * value:.1f}%"
@@ -93,6 +97,7 @@ def _text_block(section: Section) -> str:
     for r in range(section.table.num_rows):
         lines.append(_join_line([col[r] for col in cols], widths, numeric, spans))
     lines += [f"({line})" for line in section.note.splitlines()]
+    lines += section.text.splitlines()
     return "\n".join(lines)
 
 
@@ -127,6 +132,7 @@ def render_html(sections: Sequence[Section], images: Mapping[str, bytes],
                 for i, col in enumerate(cols)) + "</tr>")
         parts.append("</table>")
         parts += [f"<p class=note>{html.escape(line)}</p>" for line in section.note.splitlines()]
+        parts += [f"<p>{html.escape(line)}</p>" for line in section.text.splitlines()]
     for name, png in images.items():
         data = base64.b64encode(png).decode()
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' "

@@ -1,7 +1,7 @@
 """The report's tables, computed from loaded runs with pyarrow (``group_by``, joins, sorts; no
 Python loop over rows): the ranking, the base, the confirmed configurations (the noise rule
-of ``noise``), stability counts, divergence causes, several runs side by side, and the
-sections the report prints in order.
+of ``noise``), stability counts, divergence causes, several runs side by side, a frontier
+run's stability frontier (``frontier``), and the sections the report prints in order.
 
 Nulls in grouping keys: ``max_grad_norm`` null (clipping off) becomes ``inf`` (the clip value
 that never clips, printed as ``none``) and a null string key (``variant``) becomes ``none``, so
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tune_sana.analysis import frontier
 from tune_sana.analysis.noise import BEST, CONFIRM_HINT, confirmed, has_confirm
 from tune_sana.analysis.runs import Run
 from tune_sana.config import Precision
@@ -35,13 +36,16 @@ STABILITY_VALUES = ["trials", "diverged", "pruned", "completed", "error", "best_
 @dataclass
 class Section:
     """One printed table. ``groups`` (label, number of columns) draws a header line above the
-    column names, for tables with a block of columns per run dir."""
+    column names, for tables with a block of columns per run dir. ``note``: lines printed in
+    parentheses under the table; ``text``: plain sentences under those, one paragraph a
+    line."""
 
     title: str
     table: pa.Table
     note: str = ""
     groups: list[tuple[str, int]] = field(default_factory=list)
     headers: list[str] = field(default_factory=list)
+    text: str = ""
 
 
 # --- tables ----------------------------------------------------------------------------------
@@ -402,11 +406,28 @@ def _single_seed_note(runs: Sequence[Run]) -> str:
     return (f"single seed per trial{where}: the ranking's noise is unknown; {CONFIRM_HINT}")
 
 
+def _frontier_sections(runs: Sequence[Run]) -> list[Section]:
+    """The stability frontier of each run that has a frontier.parquet: the table, sorted by
+    stable lr, and the sentences (:mod:`frontier`); none for other runs."""
+    out = []
+    for run in runs:
+        table = frontier.read(run.path)
+        if table is None:
+            continue
+        title = "Stability frontier" + (f": {run.label}" if len(runs) > 1 else "")
+        words = frontier.sentences(table, frontier.space_of(run.path),
+                                   live=run.running.num_rows > 0)
+        out.append(Section(title, frontier.frontier_table(table), frontier.TABLE_NOTE,
+                           text="\n".join(words)))
+    return out
+
+
 def build_sections(runs: Sequence[Run], top: int = 10) -> list[Section]:
-    """Every table of the report, in print order."""
+    """Every table of the report, in print order (a frontier run's frontier right after the
+    overview)."""
     columns = varying_columns(runs)
     rank = ranking(runs, columns, top)
-    sections = [_overview(runs), *_base_sections(runs)]
+    sections = [_overview(runs), *_frontier_sections(runs), *_base_sections(runs)]
     note = ("completed, pruned and running trials; diverged and errored ones are in the "
             "stability tables; config columns: the ones searched or varying; improvement = "
             "1 - best val / base val")
