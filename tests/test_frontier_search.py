@@ -238,10 +238,14 @@ def _check_record(run_dir: Path) -> None:
 
 @pytest.mark.slow  # a real frontier sweep: ~25 trials on a local Ray
 @pytest.mark.usefixtures("local_ray")
-def test_frontier_sweep_writes_frontier_parquet_and_tags_its_trials(tmp_path: Path) -> None:
+def test_frontier_sweep_writes_frontier_parquet_and_tags_its_trials(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space_file = write_space(tmp_path, "front", SPACE)
     assert run_cli(str(space_file), "--storage", str(tmp_path), "--name", "f") == 0
     _check_record(tmp_path / "f")
+    err = capsys.readouterr().err
+    assert "frontier: 3 combinations: " in err
+    assert all(v in err for v in ("1 bracketed", "1 stable to upper", "1 unstable at lower"))
 
 
 @pytest.mark.slow  # a real sweep, killed and resumed in subprocesses

@@ -507,4 +507,26 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
     tuner = build_tuner(spec, run_dir, options, restore=restore)
     tuner.fit()
     run_confirm(spec, run_dir, options)
+    if spec.search.algorithm == "frontier":
+        _say_frontier(spec, run_dir)
     return run_dir
+
+
+def _say_frontier(spec: SweepSpec, run_dir: str | os.PathLike[str]) -> None:
+    """The frontier search's closing line: its verdicts, and whether the budget ran out."""
+    from collections import Counter
+
+    from tune_sana.engine.frontier import budget_note
+    from tune_sana.record.readers import read_frontier
+
+    table = read_frontier(run_dir)
+    if table is None:
+        return
+    rows = table.to_pylist()
+    counts = Counter(str(r["verdict"]).replace("_", " ") for r in rows)
+    _say(f"frontier: {len(rows)} combination{'' if len(rows) == 1 else 's'}: "
+         + ", ".join(f"{n} {v}" for v, n in counts.most_common())
+         + f"; tune-sana report {run_dir} shows them")
+    note = budget_note(spec, rows)
+    if note:
+        _say(note)
