@@ -82,3 +82,24 @@ def test_benchmark_prints_its_figures_as_json_last(
     assert FIELDS[name] <= set(result), FIELDS[name] - set(result)
     assert isinstance(result["target_met"], bool)
     assert result["machine"]["cpus"] >= 1
+
+
+# bench/frontier.py (issue 13): the synthetic trial, two combos (one bracketed, one stable to the
+# upper bound), a narrow lr range and a loose tolerance, so the search is ~10 short trials.
+TINY["frontier"] = ["--diverge-above", "1e-3,10", "--steps", "6", "--lr-low", "1e-4",
+                    "--lr-high", "1e-1", "--tolerance", "2", "--concurrency", "1"]
+FIELDS["frontier"] = {"combos", "frontier_trial_steps", "grid_trial_steps", "cost_ratio",
+                      "targets", "target_met"}
+
+
+def test_frontier_benchmark_compares_the_search_with_its_grid(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run("frontier", capsys)
+    assert result["benchmark"] == "frontier"
+    assert FIELDS["frontier"] <= set(result), FIELDS["frontier"] - set(result)
+    assert isinstance(result["target_met"], bool)
+    assert [e["label"] for e in result["combos"]] == ["diverge_above 0.001",
+                                                      "diverge_above 10.0"]
+    assert all(e["agreement"] in ("inside", "adjacent", "disagree", "unsettled")
+               for e in result["combos"])
+    assert result["frontier_trial_steps"] == result["frontier_parquet_steps"]

@@ -22,7 +22,8 @@ from tune_sana.engine.frontier import FrontierSearcher, combo_id
 from tune_sana.engine.space import parse_spec
 from tune_sana.record.readers import read_frontier, read_history
 
-Oracle = Callable[[float, int, dict[str, Any]], bool]  # (lr, seed, combo) -> diverges
+# (lr, seed, combo) -> diverges (at step 5), or the step it diverges at (0: before any update)
+Oracle = Callable[[float, int, dict[str, Any]], "bool | int"]
 
 
 def _spec(space: dict[str, Any] | None = None, **search: Any) -> Any:
@@ -55,9 +56,11 @@ def _drive(searcher: FrontierSearcher, diverges: Oracle, slots: int,
             return asked
         trial_id, config = running.pop(0)
         combo = {k: v for k, v in config.items() if k not in ("lr", "seed")}
-        if diverges(config["lr"], config["seed"], combo):
-            result = {"step": 5, "outcome": "diverged", "divergence_cause": "nonfinite_loss",
-                      "diverged_step": 5, "nonfinite_module": "blocks.0.attn1"}
+        verdict = diverges(config["lr"], config["seed"], combo)
+        if verdict is not False:
+            step = 5 if verdict is True else int(verdict)
+            result = {"step": step, "outcome": "diverged", "divergence_cause": "nonfinite_loss",
+                      "diverged_step": step, "nonfinite_module": "blocks.0.attn1"}
         else:
             result = {"step": 10, "outcome": "completed", "steps_run": 10}
         searcher.on_trial_complete(trial_id, {**result, "config": config})
@@ -95,10 +98,12 @@ def test_a_seed_that_diverges_at_the_stable_end_moves_the_bracket_down() -> None
     assert row["stable_lr"] <= 4e-3 < row["diverged_lr"] and row["ratio"] <= 1.25
     assert row["stable_seeds"] == 2 and row["diverged_seeds"] == 2
     assert 1 <= row["diverged_count"] <= 2
-    # Seed 1 was first run at seed 0's bracket, diverged there, and bisection went on below.
-    first_seed_1 = next(lr for lr, seed, _ in asked if seed == 1)
-    assert first_seed_1 > 4e-3
-    assert sum(seed == 0 and lr < first_seed_1 for lr, seed, _ in asked) >= 2
+    # Seed 1 was first run at seed 0's bracket, diverged there, and bisection went on below
+    # with seed 1, the seed that broke first; seed 0 ran again only at the final ends.
+    at = next(i for i, (_, seed, _) in enumerate(asked) if seed == 1)
+    assert asked[at][0] > 4e-3
+    after = [seed for _, seed, _ in asked[at + 1:]]
+    assert after.count(1) >= 2 and after.count(0) == 2 and after[-2:] == [0, 0]
 
 
 def test_stable_to_the_upper_bound_and_unstable_at_the_lower_bound() -> None:
@@ -119,6 +124,14 @@ def test_stable_to_the_upper_bound_and_unstable_at_the_lower_bound() -> None:
     assert middle["verdict"] == "bracketed" and middle["ratio"] <= 1.5
     assert middle["label"] == "diverge_above 0.003"
     assert searcher.finished()
+
+
+def test_a_divergence_before_any_update_goes_straight_to_the_lower_bound() -> None:
+    searcher = FrontierSearcher(_spec(), None, "val_loss", "min")
+    asked = _drive(searcher, lambda lr, seed, c: 0, slots=1)  # the base itself breaks
+    row = _row(searcher)
+    assert row["verdict"] == "unstable_at_lower" and row["diverged_step"] == 0
+    assert [a[:2] for a in asked] == [(1.0, 0), (1e-5, 0), (1e-5, 1)]
 
 
 def test_k_section_uses_every_slot_within_a_combination_and_across_them() -> None:

@@ -54,29 +54,29 @@ def rows(table: pa.Table) -> list[tuple[object, ...]]:
 def test_stability_by_precision_variant_and_lr_decade(sweep: Path) -> None:
     table = stability(load_run(sweep), ["precision", "variant", "lr_decade"])
     assert table.column_names == ["precision", "variant", "lr_decade", "trials", "diverged",
-                                  "pruned", "completed", "error", "best_val"]
+                                  "collapsed", "pruned", "completed", "error", "best_val"]
     assert rows(table) == [
-        ("fp32", "bf16", -5, 1, 0, 0, 1, 0, 0.30),
-        ("fp32", "bf16", -4, 1, 0, 0, 1, 0, 0.20),
-        ("fp32", "fp16", -3, 1, 1, 0, 0, 0, None),
-        ("fp16-amp", "bf16", -5, 1, 0, 0, 0, 1, None),
-        ("fp16-amp", "fp16", -4, 1, 0, 0, 1, 0, 0.22),
-        ("fp16-amp", "fp16", -3, 1, 1, 0, 0, 0, None),
-        ("bf16-amp", "bf16", -4, 2, 0, 1, 1, 0, 0.25),
-        ("bf16-amp", "bf16", -2, 1, 1, 0, 0, 0, None),
-        ("bf16-amp", "fp16", -4, 1, 0, 1, 0, 0, 0.40),
-        ("fp16", "fp16", -5, 1, 1, 0, 0, 0, None),
-        ("fp16", "fp16", -4, 1, 1, 0, 0, 0, None),
+        ("fp32", "bf16", -5, 1, 0, 0, 0, 1, 0, 0.30),
+        ("fp32", "bf16", -4, 1, 0, 0, 0, 1, 0, 0.20),
+        ("fp32", "fp16", -3, 1, 1, 0, 0, 0, 0, None),
+        ("fp16-amp", "bf16", -5, 1, 0, 0, 0, 0, 1, None),
+        ("fp16-amp", "fp16", -4, 1, 0, 0, 0, 1, 0, 0.22),
+        ("fp16-amp", "fp16", -3, 1, 1, 0, 0, 0, 0, None),
+        ("bf16-amp", "bf16", -4, 2, 0, 0, 1, 1, 0, 0.25),
+        ("bf16-amp", "bf16", -2, 1, 1, 0, 0, 0, 0, None),
+        ("bf16-amp", "fp16", -4, 1, 0, 0, 1, 0, 0, 0.40),
+        ("fp16", "fp16", -5, 1, 1, 0, 0, 0, 0, None),
+        ("fp16", "fp16", -4, 1, 1, 0, 0, 0, 0, None),
     ]
 
 
 def test_stability_by_warmup_and_by_clip(sweep: Path) -> None:
     run = load_run(sweep)
     assert rows(stability(run, ["warmup_steps"])) == [
-        (0, 7, 4, 1, 1, 1, 0.30), (20, 5, 1, 1, 3, 0, 0.20)]
+        (0, 7, 4, 0, 1, 1, 1, 0.30), (20, 5, 1, 0, 1, 3, 0, 0.20)]
     # clipping off (null) is the clip value inf, printed as 'none'
     assert rows(stability(run, ["max_grad_norm"])) == [
-        (1.0, 4, 1, 1, 2, 0, 0.20), (math.inf, 8, 4, 1, 2, 1, 0.25)]
+        (1.0, 4, 1, 0, 1, 2, 0, 0.20), (math.inf, 8, 4, 0, 1, 2, 1, 0.25)]
 
 
 def test_divergence_causes_counts_and_median_steps(sweep: Path) -> None:
@@ -125,13 +125,13 @@ def test_several_run_dirs_side_by_side(sweep: Path, second: Path) -> None:
     runs = load_runs([sweep, second])
     tables = [stability(r, ["precision", "variant", "lr_decade"]) for r in runs]
     table, groups = side_by_side(runs, tables, ["precision", "variant", "lr_decade"])
-    assert groups == [("fp16-ckpt", 6), ("bf16-ckpt", 6)]
+    assert groups == [("fp16-ckpt", 7), ("bf16-ckpt", 7)]
     cell = table.filter(pa.compute.and_(pa.compute.equal(table["precision"], "fp32"),
                                         pa.compute.equal(table["lr_decade"], -4)))
-    assert rows(cell) == [("fp32", "bf16", -4, 1, 0, 0, 1, 0, 0.20, 1, 0, 0, 1, 0, 0.18)]
+    assert rows(cell) == [("fp32", "bf16", -4, 1, 0, 0, 0, 1, 0, 0.20, 1, 0, 0, 0, 1, 0, 0.18)]
     only_second = table.filter(pa.compute.equal(table["precision"], "fp16"))
-    assert ("fp16", "bf16", -4, None, None, None, None, None, None, 1, 1, 0, 0, 0, None) in rows(
-        only_second)
+    assert ("fp16", "bf16", -4, None, None, None, None, None, None, None, 1, 1, 0, 0, 0, 0,
+            None) in rows(only_second)
     text = render_text(build_sections(runs))
     assert "fp16-ckpt" in text and "bf16-ckpt" in text
     ranked = ranking(runs, varying_columns(runs), top=2)
@@ -223,7 +223,7 @@ def test_a_base_that_differs_is_printed_per_precision_and_variant(tmp_path: Path
         ("fp16-amp", "fp16", 2, 1.25), ("bf16-amp", "bf16", 3, 1.0),
         ("bf16-amp", "fp16", 1, 1.25), ("fp16", "fp16", 2, 1.25)]
     text = render_text(build_sections([run]))
-    assert _section(text, "Runs")[10].split() == ["base", "val", "loss", "varies", "(see",
+    assert _section(text, "Runs")[11].split() == ["base", "val", "loss", "varies", "(see",
                                                   "Base)"]
     assert "Base (the untouched model at step 0) by precision x checkpoint variant" in text
 

@@ -5,12 +5,17 @@
 Takes a validated TrialConfig and a ``report(row)`` callable; never imports Ray. ``setup`` builds
 the parts (model, data, optimizer, checks), ``train`` runs the loop over them; ``run`` is both.
 
-A step counts optimizer updates. Step 0 is the untouched base: its row holds the validation and
-retain losses before any update, so every trial knows its starting point. Steps 1..N each report
-plain floats (or None): step, train_loss, grad_norm (before clipping), lr, loss_scale, skipped,
-step_time_s, val_loss and retain_loss (on evaluation steps). Health is checked before and after
-each optimizer step, with one host sync each; the step a trial diverges is its last, and its row
-says why and where.
+A step counts optimizer updates; each takes ``grad_accum_steps`` micro-batches of ``batch_size``
+(their gradients accumulate, the loss is their mean). Step 0 is the untouched base: its row holds
+the validation and retain losses before any update, so every trial knows its starting point.
+Steps 1..N each report plain floats (or None): step, train_loss, grad_norm (before clipping), lr,
+loss_scale, skipped, step_time_s, val_loss and retain_loss (on evaluation steps). Health is
+checked on the accumulated gradient before and after each optimizer step, with one host sync
+each; the step a trial diverges is its last, and its row says why and where.
+
+Damage without NaN (training/damage.py): step 0 also evaluates the base in the checkpoint's
+native precision when the trial computes in another dtype (``damaged_at_load``: a flag), and a
+val loss that stays above collapse_factor x the base ends the trial as ``collapsed``.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from torch import nn
 
 from tune_sana.config import TrialConfig
 from tune_sana.data.encoded import DataSplit, Encoded, load_data
-from tune_sana.device import pick_device
+from tune_sana.device import pick_device, reset_peak_memory
 from tune_sana.outcomes import Cause, Outcome, clean
+from tune_sana.training import damage
 from tune_sana.training import precision as prec
 from tune_sana.training.attention import use_fp32_linear_attention
 from tune_sana.training.checkpoint import Checkpointer, TrainState
@@ -36,7 +42,7 @@ from tune_sana.training.guard import Guard, grad_norm, param_norm
 from tune_sana.training.health import Verdict
 from tune_sana.training.lora import apply_finetune
 from tune_sana.training.models import load_transformer
-from tune_sana.training.optimizer import adamw
+from tune_sana.training.optimizer import check_available, make_optimizer
 from tune_sana.training.runtime import Batches, RunStats
 from tune_sana.training.schedule import lr_scheduler
 from tune_sana.training.validation import FixedValidation
@@ -71,7 +77,8 @@ class Parts:
                           self.noise_gen, self.guard, self.stats)
 
     def next_batch(self) -> FlowBatch:
-        """The next training batch with its noise and timesteps, on the device."""
+        """One optimizer step's batch (batch_size x grad_accum_steps samples) with its noise and
+        timesteps, on the device."""
         cfg = self.config
         return make_batch(self.batches.next(), self.noise_gen, cfg.logit_mean, cfg.logit_std,
                           cfg.flow_shift).to(self.device)
@@ -81,10 +88,37 @@ class Parts:
         with prec.autocast(self.policy, self.device):
             return flow_loss(self.model, batch, self.policy.weight_dtype)
 
+    def backward(self, batch: FlowBatch) -> torch.Tensor:
+        """Forward and backward over ``batch`` in micro-batches of ``batch_size``, accumulating
+        the gradient of their mean loss (each weighted by its share of the samples). Returns that
+        mean loss (fp32, 0-dim, on the device: no host sync; NaN if any micro-batch's is)."""
+        loss = torch.zeros((), device=self.device)
+        for micro in batch.split(self.config.batch_size):
+            part = self.loss(micro) * (len(micro) / len(batch))
+            self.scaler.scale(part).backward()
+            loss = loss + part.detach()
+        return loss
+
+    def losses(self, batch: FlowBatch) -> list[torch.Tensor]:
+        """Each micro-batch's loss, no backward: the replay that locates a step's non-finite."""
+        return [self.loss(micro) for micro in batch.split(self.config.batch_size)]
+
     def validation(self) -> float:
         """The fixed-seed validation loss (NaN when the model's output is not finite)."""
         return self.validate(self.model, self.policy.weight_dtype,
                              prec.autocast(self.policy, self.device))
+
+    def native_validation(self) -> float:
+        """The fixed-seed validation loss of the checkpoint in its native precision
+        (damage.native_policy): a second copy, loaded in its variant's dtype and run under that
+        dtype's autocast with the linear attention in fp32 (as Sana trains: fp32_attention),
+        then dropped. NaN when its output is not finite."""
+        cfg, native = self.config, damage.native_policy(self.config.variant)
+        with torch.random.fork_rng(devices=[]):  # a load that initialises weights draws
+            model = load_transformer(cfg.model, variant=cfg.variant, dtype=native.weight_dtype,
+                                     seed=cfg.seed).to(self.device)
+        use_fp32_linear_attention(model)
+        return self.validate(model, native.weight_dtype, prec.autocast(native, self.device))
 
     def retention(self) -> float | None:
         """The fixed-seed retain loss, or None when the data has no retain set."""
@@ -123,11 +157,14 @@ def setup(config: TrialConfig,
     ``on_model``, if given, is called once with the ready model (precision and attention applied,
     in train mode) before anything else is built: a seam for tests and diagnostics to register
     hooks, e.g. one that corrupts a weight at a chosen step, and for benchmarks to start a clock.
-    Engines never pass it. UserError if the device cannot run the precision mode.
+    Engines never pass it. UserError if the device cannot run the precision mode or the
+    optimizer (a missing extra, adamw8bit off a GPU).
     """
     device = pick_device(config.device)
     policy = prec.policy_for(config.precision)
     prec.check_supported(policy.mode, device)
+    check_available(config.optimizer, device)
+    reset_peak_memory(device)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -138,12 +175,14 @@ def setup(config: TrialConfig,
     model = apply_finetune(model, config, policy.weight_dtype)  # full, or LoRA on a frozen base
     if config.attention_fp32:
         use_fp32_linear_attention(model)
+    if config.gradient_checkpointing:  # diffusers': recompute each block in the backward
+        model.enable_gradient_checkpointing()  # type: ignore[operator]
     model.train()
     if on_model is not None:
         on_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    optimizer = adamw(params, config)
+    optimizer = make_optimizer(params, config)
     scaler = prec.grad_scaler(policy, device)
     return Parts(
         config, device, policy, data, model, params, optimizer,
@@ -153,7 +192,8 @@ def setup(config: TrialConfig,
         validate=_fixed_validation(data.val, config, device),
         retain=_fixed_validation(data.retain, config, device) if data.retain is not None
         else None,
-        batches=Batches(data.train, config.batch_size, seed=config.seed),
+        batches=Batches(data.train, config.batch_size * config.grad_accum_steps,
+                        seed=config.seed),
         noise_gen=torch.Generator().manual_seed(config.seed),
         stats=RunStats(config, policy, device, n_params=sum(p.numel() for p in params)),
     )
@@ -174,6 +214,7 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
         if replay is not None:  # the base itself gives a non-finite loss in this precision
             return _diverged(p, report, 0, Cause.NONFINITE_METRIC, row, replay)
         p.stats.record_base(row)
+        _check_load(p, row["val_loss"])
         report(row)
         start = 1
     row = {}
@@ -182,16 +223,16 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
         lr = float(p.scheduler.get_last_lr()[0])
         batch = p.next_batch()
 
-        loss = p.loss(batch)
         p.optimizer.zero_grad(set_to_none=True)
-        p.scaler.scale(loss).backward()
+        loss = p.backward(batch)  # grad_accum_steps micro-batches: one accumulated gradient
         p.scaler.unscale_(p.optimizer)
         gnorm = grad_norm(p.params, config.max_grad_norm)
 
         finding, loss_f, gnorm_f = p.guard.before_step(loss, gnorm)  # sync 1: loss, grad norm
         if finding.verdict is Verdict.DIVERGED:
             row = _row(step, loss_f, gnorm_f, lr, p.guard.loss_scale, True, started)
-            return _diverged(p, report, step, finding.cause, row, functools.partial(p.loss, batch))
+            return _diverged(p, report, step, finding.cause, row,
+                             functools.partial(p.losses, batch))
 
         skipped = finding.verdict is Verdict.SKIP
         if not skipped:
@@ -213,6 +254,8 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
             replay = p.evaluate(row)
             if replay is not None:
                 return _diverged(p, report, step, Cause.NONFINITE_METRIC, row, replay)
+            if p.guard.collapse.update(row["val_loss"]):
+                return _collapsed(p, report, step, row, skipped)
         p.stats.record(row, skipped)
         if step < config.steps:
             if checkpoint is not None and _due(step, config.checkpoint_every):
@@ -239,6 +282,29 @@ def _diverged(parts: Parts, report: Report, step: int, cause: Cause | None,
     assert cause is not None, "a DIVERGED finding always names its cause"
     where = parts.guard.locate(step, cause, parts.model, replay)
     return parts.stats.finish(report, step, Outcome.DIVERGED, where.row(), row=row)
+
+
+def _check_load(parts: Parts, base: float) -> None:
+    """Step 0: the collapse watch's base, and the load check (damage.py): the base in the
+    checkpoint's native precision, evaluated only when the trial computes in another dtype."""
+    parts.guard.collapse.base = base
+    tolerance = parts.config.damage_tolerance
+    if tolerance is None:
+        return
+    native: float | None = base
+    if damage.needs_native_check(parts.policy, parts.config.variant):
+        native = clean(parts.native_validation())
+    parts.stats.load_check = {"damaged_at_load": damage.damaged(base, native, tolerance),
+                              "native_base_val_loss": native}
+
+
+def _collapsed(parts: Parts, report: Report, step: int, row: dict[str, Any],
+               skipped: bool) -> dict[str, Any]:
+    """The val loss stayed above collapse_factor x base: finite, so it counts as the final
+    one; the trial ends here."""
+    parts.stats.record(row, skipped)
+    extra = {"divergence_cause": Cause.LOSS_COLLAPSE.value, "diverged_step": step}
+    return parts.stats.finish(report, step, Outcome.COLLAPSED, extra, row=row)
 
 
 def _due(step: int, every: int | None) -> bool:

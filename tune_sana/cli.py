@@ -41,7 +41,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
     summary = sana_finetune.run(config, report)
     # A trial that ran to its verdict (also a divergence) succeeded; one that raised did not.
-    return 0 if summary["outcome"] in (Outcome.COMPLETED, Outcome.DIVERGED) else 1
+    return 0 if summary["outcome"] in (Outcome.COMPLETED, Outcome.DIVERGED,
+                                       Outcome.COLLAPSED) else 1
 
 
 def cmd_make_base(args: argparse.Namespace) -> int:

@@ -79,17 +79,28 @@ class TrialConfig(BaseModel):
     )
     data: str = Field("builtin:shapes", description="built-in dataset or encoded cache folder")
     steps: int = Field(200, ge=1, description="optimizer steps to run")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="samples per micro-batch (see grad_accum_steps)")
     seed: int = Field(0, ge=0, description="seeds init order, batches, noise and timesteps")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (after warmup)")
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
     max_grad_norm: float | None = Field(None, gt=0, description="clip total grad norm; null = off")
-    optimizer: Literal["adamw"] = "adamw"
+    optimizer: Literal["adamw", "came", "adamw8bit"] = Field(
+        "adamw", description="adamw (torch), came (extra 'came'), adamw8bit (extra '8bit', CUDA)"
+    )
     weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="first-moment decay (CAME's beta1)")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="second-moment decay (CAME's beta2)")
+    adam_eps: float = Field(1e-8, gt=0, description="adamw and adamw8bit: denominator eps")
+    came_beta3: float = Field(0.9999, ge=0, lt=1, description="came: instability decay")
+    came_eps1: float = Field(1e-30, gt=0, description="came: eps added to the squared gradient")
+    came_eps2: float = Field(1e-16, gt=0, description="came: eps added to the instability")
+    grad_accum_steps: int = Field(
+        1, ge=1, description="micro-batches of batch_size per optimizer step (loss averaged)"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each block's activations in the backward (less memory)"
+    )
     precision: Precision = Precision.FP32
     attention_fp32: bool = Field(
         False, description="run the linear-attention matmuls in fp32 with autocast disabled"
@@ -121,13 +132,25 @@ class TrialConfig(BaseModel):
     min_loss_scale: float = Field(
         1e-3, gt=0, description="fp16-amp: diverge when GradScaler's scale falls below this"
     )
+    damage_tolerance: float | None = Field(
+        0.05, ge=0, description="flag damaged_at_load when the step-0 val loss in this "
+        "precision is worse than in the checkpoint's native one by more than this share; "
+        "null = no load check"
+    )
+    collapse_factor: float | None = Field(
+        2.0, gt=1, description="end the trial as collapsed when its (finite) val loss stays "
+        "above factor x the base's for collapse_patience evaluations; null = off"
+    )
+    collapse_patience: int = Field(
+        2, ge=1, description="evaluations in a row above collapse_factor x base to collapse"
+    )
     logit_mean: float = Field(0.0, description="logit-normal timestep sampling: mean")
     logit_std: float = Field(1.0, gt=0, description="logit-normal timestep sampling: std")
     flow_shift: float = Field(1.0, gt=0, description="sigma -> shift*s / (1 + (shift-1)*s)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
 
-    @field_validator("lr", "adam_eps", "min_loss_scale")
+    @field_validator("lr", "adam_eps", "came_eps1", "came_eps2", "min_loss_scale")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

@@ -15,6 +15,7 @@ class Outcome(str, enum.Enum):
     RUNNING = "running"
     COMPLETED = "completed"
     DIVERGED = "diverged"
+    COLLAPSED = "collapsed"  # finite, but far worse than its base and staying there
     PRUNED = "pruned"
     ERROR = "error"
 
@@ -27,7 +28,10 @@ FINITE: tuple[str, ...] = (Outcome.COMPLETED.value, Outcome.PRUNED.value)
 # Outcomes the trial itself reports in its last row; any other finished trial was stopped by
 # the scheduler while finite (pruned).
 TRIAL_VERDICTS: tuple[str, ...] = (Outcome.COMPLETED.value, Outcome.DIVERGED.value,
-                                   Outcome.ERROR.value)
+                                   Outcome.COLLAPSED.value, Outcome.ERROR.value)
+# Outcomes that say the setting is unstable: the searcher is told them as infeasible, and a
+# confirmed configuration with such a seed is disqualified.
+INFEASIBLE: tuple[str, ...] = (Outcome.DIVERGED.value, Outcome.COLLAPSED.value)
 
 
 class Stage(str, enum.Enum):
@@ -51,7 +55,7 @@ class Verdict(str, enum.Enum):
 
 
 class Cause(str, enum.Enum):
-    """Why a trial diverged."""
+    """Why a trial diverged (or, for LOSS_COLLAPSE, collapsed)."""
 
     NONFINITE_LOSS = "nonfinite_loss"
     NONFINITE_GRAD = "nonfinite_grad"
@@ -61,6 +65,9 @@ class Cause(str, enum.Enum):
     # A non-finite number found outside the step's checks: by the engine's sanitizer or
     # stopper in any trial program's row, or by the trial in its validation loss.
     NONFINITE_METRIC = "nonfinite_metric"
+    # Outcome collapsed: a finite validation loss above collapse_factor x the base's for
+    # collapse_patience evaluations in a row (training/damage.py).
+    LOSS_COLLAPSE = "loss_collapse"
 
 
 def clean(value: float | None) -> float | None:

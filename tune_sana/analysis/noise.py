@@ -26,12 +26,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tune_sana.outcomes import Outcome, Stage
+from tune_sana.outcomes import INFEASIBLE, Outcome, Stage
 
 SEARCH = Stage.SEARCH.value
 CONFIRM = Stage.CONFIRM.value
 # Marks of the ``vs_best`` column: the best; not distinguishable from it; worse than it; lower
-# than it but disqualified (a seed diverged).
+# than it but disqualified (a seed diverged or collapsed).
 BEST, LIKE_BEST, WORSE, BETTER = "best", "~best", "worse", "better"
 # Marks of the ``vs_base`` column.
 BEATS_BASE, LIKE_BASE, WORSE_THAN_BASE = "better", "~base", "worse"
@@ -56,7 +56,8 @@ def confirmed(trials: pa.Table, columns: Sequence[str] = ()) -> pa.Table:
     config_id).
 
     Columns: config_id; ``columns`` (the first replica's values: replicas differ only in
-    seed); ``seeds`` (finished confirm trials), ``diverged`` (of those), ``n`` (completed with
+    seed); ``seeds`` (finished confirm trials), ``diverged`` (of those, diverged or collapsed:
+    the seeds that disqualify it), ``n`` (completed with
     a best_val_loss: the ones averaged); ``mean``, ``se`` (null below two values),
     ``improvement`` (mean of the seeds' improvement), ``base`` (mean base_val_loss);
     ``search_trial`` / ``search_val``: the best completed search trial of that config_id and
@@ -72,7 +73,7 @@ def confirmed(trials: pa.Table, columns: Sequence[str] = ()) -> pa.Table:
     work = pa.table({
         "config_id": conf["config_id"],
         "trial_id": conf["trial_id"],
-        "div": pc.equal(conf["outcome"], Outcome.DIVERGED.value).cast(pa.int64()),
+        "div": pc.is_in(conf["outcome"], pa.array(list(INFEASIBLE))).cast(pa.int64()),
         "val": pc.if_else(done, conf["best_val_loss"], null),
         "imp": pc.if_else(done, conf["improvement"], null),
         "base": conf["base_val_loss"],

@@ -3,8 +3,9 @@
 - ``stability_map.png``: learning rate (log axis) against best validation loss, one marker and
   colour per precision mode; pruned trials hollow; diverged trials as a red x at their last
   finite validation loss after an update (read from history), or on the top edge if they never
-  had one. The base (the untouched model's validation loss) is a dashed line labelled "base":
-  one line when all trials share it, else one per precision mode in its colour. One panel
+  had one; collapsed trials filled dark red at their last (collapsed) validation loss. The
+  base (the untouched model's validation loss) is a dashed line labelled "base": one line
+  when all trials share it, else one per precision mode in its colour. One panel
   per run dir. A frontier run (one with frontier.parquet) also gets its stability frontier, one
   line per combination of its categorical settings in its precision's colour (one line style
   per combination within a precision): a solid vertical line at the stable lr and a shaded
@@ -14,7 +15,8 @@
 - ``curves.png``: validation loss against step for the top trials, and for the diverged trials
   that looked best, up to their divergence; curves start at the step-0 row (the base), which
   is also drawn as a line. One row per run dir.
-- ``causes.png``: diverged trials by cause and by first non-finite module, one bar per run dir.
+- ``causes.png``: diverged and collapsed trials by cause (a collapse's is ``loss_collapse``), and
+  diverged ones by first non-finite module, one bar per run dir.
 """
 
 from __future__ import annotations
@@ -36,13 +38,14 @@ from tune_sana.analysis import frontier as frontier_mod
 from tune_sana.analysis.runs import Run
 from tune_sana.analysis.tables import PRECISION_ORDER, divergence_causes, ranking
 from tune_sana.config import UserError
-from tune_sana.outcomes import FINITE, Outcome, Verdict
+from tune_sana.outcomes import FINITE, INFEASIBLE, Outcome, Verdict
 from tune_sana.record.readers import read_history
 
 MARKERS = {"fp32": "o", "fp16-amp": "s", "bf16-amp": "^", "fp16": "D", "bf16": "v"}
 COLOURS = {"fp32": "#1f77b4", "fp16-amp": "#ff7f0e", "bf16-amp": "#2ca02c", "fp16": "#9467bd",
            "bf16": "#8c564b"}
 DIVERGED = "#d62728"
+COLLAPSED = "#7f0000"  # finite but wrecked: dark red, filled
 RUN_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#17becf"]
 # line colours for curves: tab10 without its red, which marks divergence
 LINE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -131,15 +134,15 @@ def _draw_base(ax: Any, trials: pa.Table) -> list[float]:
 
 def stability_points(run: Run) -> pa.Table:
     """Points of the stability map: trial_id, precision, lr, outcome, y (float64): best val
-    loss for completed/pruned trials, last finite val loss for diverged ones (null if none);
-    error trials are left out."""
+    loss for completed/pruned trials, last finite val loss for diverged and collapsed ones
+    (null if none); error trials are left out."""
     trials = run.trials.filter(pc.is_in(run.trials["outcome"],
-                                        pa.array([*FINITE, Outcome.DIVERGED.value])))
-    diverged = trials.filter(pc.equal(trials["outcome"], Outcome.DIVERGED.value))
+                                        pa.array([*FINITE, *INFEASIBLE])))
+    diverged = trials.filter(pc.is_in(trials["outcome"], pa.array(list(INFEASIBLE))))
     last = last_finite_val(run, diverged["trial_id"].to_pylist())
     joined = trials.select(["trial_id", "precision", "lr", "outcome", "best_val_loss"]).join(
         last.select(["trial_id", "last_val"]), "trial_id", join_type="left outer")
-    is_div = pc.equal(joined["outcome"], Outcome.DIVERGED.value)
+    is_div = pc.is_in(joined["outcome"], pa.array(list(INFEASIBLE)))
     y = pc.if_else(is_div, joined["last_val"], joined["best_val_loss"])
     return joined.select(["trial_id", "precision", "lr", "outcome"]).append_column(
         "y", y).sort_by("trial_id")
@@ -254,9 +257,9 @@ FACET_ABOVE = 150
 
 
 def _draw_points(ax: Any, pts: pa.Table, precisions: Sequence[str], big: bool) -> int:
-    """Scatter one run's points on ``ax``: completed filled, pruned hollow, diverged a red x
-    in the precision's shape (on the top edge if it never had a finite val loss). Returns the
-    number drawn on the top edge."""
+    """Scatter one run's points on ``ax``: completed filled, pruned hollow, collapsed filled
+    dark red, diverged a red x in the precision's shape (on the top edge if it never had a
+    finite val loss). Returns the number drawn on the top edge."""
     lr = pts["lr"].to_numpy(zero_copy_only=False).astype(float)
     y = pts["y"].to_numpy(zero_copy_only=False).astype(float)
     outcome = np.asarray(pts["outcome"].to_pylist(), dtype=object)
@@ -269,7 +272,10 @@ def _draw_points(ax: Any, pts: pa.Table, precisions: Sequence[str], big: bool) -
         mine = precision == p
         done = mine & (outcome == Outcome.COMPLETED.value)
         pruned = mine & (outcome == Outcome.PRUNED.value)
+        collapsed = mine & (outcome == Outcome.COLLAPSED.value) & np.isfinite(y)
         ax.scatter(lr[done], y[done], marker=MARKERS[p], s=size, color=COLOURS[p],
+                   edgecolors="black", linewidths=0.4, zorder=4)
+        ax.scatter(lr[collapsed], y[collapsed], marker=MARKERS[p], s=size, color=COLLAPSED,
                    edgecolors="black", linewidths=0.4, zorder=4)
         ax.scatter(lr[pruned], y[pruned], marker=MARKERS[p], s=size, facecolors="none",
                    edgecolors=COLOURS[p], linewidths=1.2, zorder=4)
@@ -291,7 +297,10 @@ def _counts(run: Run, pts: pa.Table) -> str:
          for o in (*FINITE, Outcome.DIVERGED.value)}
     errors = int(pc.sum(pc.equal(run.trials["outcome"], Outcome.ERROR.value)
                         .cast(pa.int64())).as_py() or 0)
+    collapsed = int(pc.sum(pc.equal(outcome, Outcome.COLLAPSED.value)
+                           .cast(pa.int64())).as_py() or 0)
     return (f"{n['completed']} completed, {n['pruned']} pruned, {n['diverged']} diverged"
+            + (f", {collapsed} collapsed" if collapsed else "")
             + (f", {errors} errored (not shown)" if errors else ""))
 
 
@@ -339,7 +348,7 @@ def stability_map(runs: Sequence[Run]) -> Figure:
     for ax in grid[-1]:
         ax.set_xlabel("peak learning rate (log scale)")
     for row in grid:
-        row[0].set_ylabel("best validation loss\n(diverged: last finite value)")
+        row[0].set_ylabel("best validation loss\n(diverged, collapsed: last finite value)")
     every_y = np.concatenate([p["y"].to_numpy(zero_copy_only=False) for p in points]
                              + [np.array(bases)]).astype(float)
     if every_y.size:
@@ -351,6 +360,10 @@ def stability_map(runs: Sequence[Run]) -> Figure:
                 Line2D([], [], marker="x", color=DIVERGED, linestyle="", markersize=8,
                        markeredgewidth=2,
                        label="diverged: red x in\nits precision's shape,\nat last finite val")]
+    if any(pc.any(pc.equal(t["outcome"], Outcome.COLLAPSED.value)).as_py() for t in points):
+        handles.append(Line2D(
+            [], [], marker="o", color=COLLAPSED, linestyle="", markeredgecolor="black",
+            markersize=7, label="collapsed (dark red):\nfinite, but stayed\nabove factor x base"))
     if bases:
         handles.append(Line2D([], [], color=BASE_COLOUR, linestyle="--",
                               label="base (step 0,\nbefore any update)"))
@@ -463,18 +476,19 @@ def causes_chart(runs: Sequence[Run]) -> Figure:
     axes = fig.subplots(1, 2)
     by_cause = [res[0] for res in results]
     by_module = [res[1] for res in results]
-    for ax, tables, key, title in ((axes[0], by_cause, "divergence_cause", "by cause"),
-                                   (axes[1], by_module, "nonfinite_module",
-                                    "by first non-finite module (top 10)")):
+    for ax, tables, key, title, who in (
+            (axes[0], by_cause, "divergence_cause", "by cause", "diverged or collapsed trials"),
+            (axes[1], by_module, "nonfinite_module", "by first non-finite module (top 10)",
+             "diverged trials")):
         names: list[str] = []
         for t in tables:
             names += [n for n in t[key].to_pylist() if n not in names]
-        totals = {n: sum(dict(zip(t[key].to_pylist(), t["diverged"].to_pylist(),
+        totals = {n: sum(dict(zip(t[key].to_pylist(), t["trials"].to_pylist(),
                                   strict=True)).get(n, 0) for t in tables) for n in names}
         names = sorted(names, key=lambda n: (-totals[n], n))[:10][::-1]
         height = 0.8 / max(len(runs), 1)
         for i, (run, t) in enumerate(zip(runs, tables, strict=True)):
-            count = dict(zip(t[key].to_pylist(), t["diverged"].to_pylist(), strict=True))
+            count = dict(zip(t[key].to_pylist(), t["trials"].to_pylist(), strict=True))
             med = dict(zip(t[key].to_pylist(), t["median_step"].to_pylist(), strict=True))
             # first run on top within each group (the y axis counts upwards)
             ypos = np.arange(len(names)) - (i - (len(runs) - 1) / 2) * height
@@ -488,20 +502,20 @@ def causes_chart(runs: Sequence[Run]) -> Figure:
         ax.set_yticks(np.arange(len(names)), names, fontsize=8)
         pad = max(0.6, (4 - len(names)) / 2)  # a few bars stay bar-shaped, centred
         ax.set_ylim(-pad, len(names) - 1 + pad)
-        ax.set_xlabel("diverged trials")
+        ax.set_xlabel(who)
         ax.set_title(title, fontsize=10)
-        right = max([1, *(v for t in tables for v in t["diverged"].to_pylist())])
+        right = max([1, *(v for t in tables for v in t["trials"].to_pylist())])
         ax.set_xlim(0, right * 1.45)
         ax.xaxis.get_major_locator().set_params(integer=True)
         if not names:
-            ax.text(0.5, 0.5, "no trial diverged", ha="center", va="center",
+            ax.text(0.5, 0.5, f"no trial {who.split(' trials')[0]}", ha="center", va="center",
                     transform=ax.transAxes, fontsize=12, color="grey")
         if len(runs) > 1 and names:
             ax.legend(fontsize=8, loc="lower right")
     medians = ", ".join(("" if len(runs) == 1 else f"{r.label}: ")
                         + ("-" if m is None else f"{m:g}")
                         for r, (_, _, m) in zip(runs, results, strict=True))
-    fig.suptitle(f"Why trials diverged (median diverged step {medians})")
+    fig.suptitle(f"Why trials diverged or collapsed (median step they ended at: {medians})")
     return fig
 
 

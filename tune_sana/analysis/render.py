@@ -1,10 +1,10 @@
 """The report's sections as text (aligned columns) or as one self-contained HTML page.
 
 Cells: null prints as ``-``; ``max_grad_norm`` inf (clipping off) as ``none``; an lr decade
-``d`` as ``1e{d}..1e{d+1}``; lr in scientific notation; ``improvement`` as a percentage; other
-floats with 4 significant digits (the frontier's stable_lr / diverged_lr as lr). A note prints
-one line per line of text, in parentheses; a section's ``text`` (sentences) prints as it is,
-one paragraph per line, under the table.
+``d`` as ``1e{d}..1e{d+1}``; lr in scientific notation; ``improvement`` and ``worse`` (damaged
+at load) as percentages; other floats with 4 significant digits (the frontier's stable_lr /
+diverged_lr as lr). A note prints one line per line of text, in parentheses; a section's
+``text`` (sentences) prints as it is, one paragraph per line, under the table.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _formatter(name: str) -> Callable[[Any], str]:
             return "none"
         if base in LR_COLUMNS:
             return f"{value:.2e}"
-        if base == "improvement":
+        if base in ("improvement", "worse"):
             return f"{100 * value:.1f}%"
         if base in ("wall_time_s", "median_step"):
             return f"{value:.1f}" if base == "wall_time_s" else f"{value:g}"

@@ -29,7 +29,8 @@ from tune_sana.record.storage import Location, is_uri
 
 SUMMARY_COLUMNS = ["outcome", "divergence_cause", "diverged_step", "nonfinite_module",
                    "best_val_loss", "base_val_loss", "improvement", "base_retain_loss",
-                   "final_retain_loss", "steps_run", "wall_time_s", "stage", "config_id"]
+                   "final_retain_loss", "steps_run", "wall_time_s", "stage", "config_id",
+                   "damaged_at_load", "native_base_val_loss"]
 
 
 @dataclass(frozen=True)

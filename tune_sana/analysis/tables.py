@@ -1,7 +1,8 @@
 """The report's tables, computed from loaded runs with pyarrow (``group_by``, joins, sorts; no
 Python loop over rows): the ranking, the base, the confirmed configurations (the noise rule
-of ``noise``), stability counts, divergence causes, several runs side by side, a frontier
-run's stability frontier (``frontier``), and the sections the report prints in order.
+of ``noise``), trials damaged at load, stability counts, divergence and collapse causes,
+several runs side by side, a frontier run's stability frontier (``frontier``), and the
+sections the report prints in order.
 
 Nulls in grouping keys: ``max_grad_norm`` null (clipping off) becomes ``inf`` (the clip value
 that never clips, printed as ``none``) and a null string key (``variant``) becomes ``none``, so
@@ -23,14 +24,16 @@ from tune_sana.analysis import frontier
 from tune_sana.analysis.noise import BEST, CONFIRM_HINT, confirmed, has_confirm
 from tune_sana.analysis.runs import Run
 from tune_sana.config import Precision
-from tune_sana.outcomes import FINISHED, FINITE, Outcome
+from tune_sana.outcomes import FINISHED, FINITE, INFEASIBLE, Outcome
 from tune_sana.record.schema import CONFIG_NAMES
 
 PRECISION_ORDER = [p.value for p in Precision]
 UNKNOWN_MODULE = "(not located)"
 # Config columns shown first in the ranking, when searched or varying.
 LEADING = ("precision", "variant", "attention_fp32", "lr", "warmup_steps", "max_grad_norm")
-STABILITY_VALUES = ["trials", "diverged", "pruned", "completed", "error", "best_val"]
+STABILITY_VALUES = ["trials", "diverged", "collapsed", "pruned", "completed", "error",
+                    "best_val"]
+_COUNTED = ("diverged", "collapsed", "pruned", "completed", "error")
 
 
 @dataclass
@@ -135,24 +138,22 @@ def _sort(table: pa.Table, keys: Sequence[str]) -> pa.Table:
 
 
 def stability(run: Run, by: Sequence[str]) -> pa.Table:
-    """Per group of ``by``: trials, diverged, pruned, completed, error (int64 counts of finished
-    trials) and best_val (float64: the lowest best validation loss of a completed or pruned
-    trial in the group; null if none)."""
+    """Per group of ``by``: trials, diverged, collapsed, pruned, completed, error (int64 counts
+    of finished trials) and best_val (float64: the lowest best validation loss of a completed
+    or pruned trial in the group; null if none)."""
     trials = run.trials
     keys = _key_columns(trials, by)
     outcome = trials["outcome"]
-    for name in ("diverged", "pruned", "completed", "error"):
+    for name in _COUNTED:
         keys = keys.append_column(name, pc.equal(outcome, name).cast(pa.int64()))
     finite = pc.is_in(outcome, pa.array(list(FINITE)))
     keys = keys.append_column("val", pc.if_else(finite, trials["best_val_loss"],
                                                 pa.scalar(None, pa.float64())))
     keys = keys.append_column("trial_id", trials["trial_id"])
     agg = keys.group_by(list(by)).aggregate([
-        ("trial_id", "count"), ("diverged", "sum"), ("pruned", "sum"), ("completed", "sum"),
-        ("error", "sum"), ("val", "min")])
-    agg = agg.rename_columns({"trial_id_count": "trials", "diverged_sum": "diverged",
-                              "pruned_sum": "pruned", "completed_sum": "completed",
-                              "error_sum": "error", "val_min": "best_val"})
+        ("trial_id", "count"), *((name, "sum") for name in _COUNTED), ("val", "min")])
+    agg = agg.rename_columns({"trial_id_count": "trials", "val_min": "best_val",
+                              **{f"{name}_sum": name for name in _COUNTED}})
     return _sort(agg.select([*by, *STABILITY_VALUES]), list(by))
 
 
@@ -173,29 +174,34 @@ def _group_median(keys: pa.Array | pa.ChunkedArray,
 
 
 def _counts_with_median(diverged: pa.Table, key: str) -> pa.Table:
+    """``key``, trials (how many ended with that value), median_step (of their diverged_step),
+    most trials first."""
     keys = diverged[key]
     if key == "nonfinite_module":
         keys = pc.fill_null(keys, UNKNOWN_MODULE)
     else:
         keys = pc.fill_null(keys, "unknown")
     counts = pa.table({key: keys}).group_by(key).aggregate([([], "count_all")])
-    counts = counts.rename_columns(["diverged" if c == "count_all" else c
+    counts = counts.rename_columns(["trials" if c == "count_all" else c
                                     for c in counts.column_names])
     medians = _group_median(keys, diverged["diverged_step"]).rename_columns(
         [key, "median_step"])
     joined = counts.join(medians, key, join_type="left outer")
-    return joined.select([key, "diverged", "median_step"]).sort_by(
-        [("diverged", "descending"), (key, "ascending")])
+    return joined.select([key, "trials", "median_step"]).sort_by(
+        [("trials", "descending"), (key, "ascending")])
 
 
 def divergence_causes(run: Run) -> tuple[pa.Table, pa.Table, float | None]:
-    """(counts and median diverged_step by divergence_cause, the same by nonfinite_module,
-    median diverged_step of all diverged trials or None). Null causes print as ``unknown``;
-    null modules (the check did not locate a layer) as ``(not located)``."""
-    diverged = run.trials.filter(pc.equal(run.trials["outcome"], Outcome.DIVERGED.value))
-    by_cause = _counts_with_median(diverged, "divergence_cause")
+    """(counts and median diverged_step by divergence_cause, of diverged and collapsed trials
+    (a collapse's cause is ``loss_collapse``); the same by nonfinite_module, of diverged trials
+    only (a collapse has no non-finite module); median diverged_step of all diverged and
+    collapsed trials or None). Null causes print as ``unknown``; null modules (the check did
+    not locate a layer) as ``(not located)``."""
+    ended = run.trials.filter(pc.is_in(run.trials["outcome"], pa.array(list(INFEASIBLE))))
+    diverged = ended.filter(pc.equal(ended["outcome"], Outcome.DIVERGED.value))
+    by_cause = _counts_with_median(ended, "divergence_cause")
     by_module = _counts_with_median(diverged, "nonfinite_module")
-    steps = diverged["diverged_step"].drop_null()
+    steps = ended["diverged_step"].drop_null()
     median = None
     if len(steps):
         whole = _group_median(pa.array(np.zeros(len(steps), np.int64)), steps)
@@ -305,10 +311,11 @@ def _cause_sections(runs: Sequence[Run]) -> list[Section]:
     medians = ", ".join(("" if len(runs) == 1 else f"{r.label}: ")
                         + ("-" if m is None else f"{m:g}")
                         for r, (_, _, m) in zip(runs, results, strict=True))
-    note = f"median diverged step: {medians}"
+    note = (f"diverged and collapsed trials (loss_collapse: finite, but above collapse_factor "
+            f"x base); median step they ended at: {medians}")
     out = []
     for idx, key, title in ((0, "divergence_cause", "Divergence causes"),
-                            (1, "nonfinite_module", "First non-finite module")):
+                            (1, "nonfinite_module", "First non-finite module (diverged trials)")):
         tables = [res[idx] for res in results]
         if len(runs) == 1:
             out.append(Section(title, tables[0], note if idx == 0 else ""))
@@ -316,15 +323,15 @@ def _cause_sections(runs: Sequence[Run]) -> list[Section]:
             table, groups = side_by_side(runs, tables, [key])
             table = table.sort_by([(key, "ascending")])
             out.append(Section(title, table, note if idx == 0 else "", groups,
-                               [key, *(["diverged", "median_step"] * len(runs))]))
+                               [key, *(["trials", "median_step"] * len(runs))]))
     return out
 
 
 def _overview(runs: Sequence[Run]) -> Section:
     """One column per run: trial counts by outcome, the base, the best completed trial and
     its improvement, and the confirmed best configuration."""
-    rows = ["trials", *FINISHED, "running", "base val loss", "best completed val",
-            "best trial", "improvement", "confirmed best"]
+    rows = ["trials", *FINISHED, "running", "base val loss", "damaged at load",
+            "best completed val", "best trial", "improvement", "confirmed best"]
     columns: dict[str, list[Any]] = {"": rows}
     for run in runs:
         outcome = run.trials["outcome"]
@@ -335,6 +342,7 @@ def _overview(runs: Sequence[Run]) -> Section:
         recorded = run.trials["base_val_loss"].null_count < run.trials.num_rows
         counts.append(f"{base:.4g}" if base is not None
                       else "varies (see Base)" if recorded else "-")
+        counts.append(_damaged_cell(run))
         done = run.trials.filter(pc.and_(pc.equal(outcome, Outcome.COMPLETED.value),
                                          pc.is_valid(run.trials["best_val_loss"])))
         best = done.sort_by([("best_val_loss", "ascending"), ("trial_id", "ascending")])
@@ -349,6 +357,50 @@ def _overview(runs: Sequence[Run]) -> Section:
     return Section("Runs", pa.table(columns))
 
 
+def _damaged_cell(run: Run) -> str:
+    """The overview's cell: trials flagged damaged_at_load, of those load-checked."""
+    flags = run.trials["damaged_at_load"]
+    checked = len(flags) - flags.null_count
+    if not checked:
+        return "-"
+    return f"{pc.sum(flags.cast(pa.int64())).as_py() or 0} of {checked} checked"
+
+
+def damaged_at_load(run: Run) -> pa.Table:
+    """The trials flagged damaged_at_load (their precision computes in another dtype than the
+    checkpoint's native one, and their step-0 val loss is worse by more than damage_tolerance):
+    trial_id, precision, variant (null as ``none``), base_val (in the trial's precision),
+    native_base_val (in the checkpoint's), worse (base / native - 1) and outcome; worst
+    first."""
+    hit = run.trials.filter(pc.fill_null(run.trials["damaged_at_load"], False))
+    keys = _key_columns(hit, ["precision", "variant"])
+    worse = pc.subtract(pc.divide(hit["base_val_loss"], hit["native_base_val_loss"]), 1.0)
+    table = pa.table({"trial_id": hit["trial_id"], "precision": keys["precision"],
+                      "variant": keys["variant"], "base_val": hit["base_val_loss"],
+                      "native_base_val": hit["native_base_val_loss"], "worse": worse,
+                      "outcome": hit["outcome"]})
+    return table.sort_by([("worse", "descending"), ("trial_id", "ascending")])
+
+
+DAMAGED_NOTE = (
+    "base_val: step-0 val loss in the trial's precision; native_base_val: the checkpoint in its "
+    "own (fp16 weights under fp16 autocast, bf16 under bf16, fp32 in fp32); worse = base_val / "
+    "native_base_val - 1, above damage_tolerance. A flag, not an outcome: these trials trained "
+    "on from a damaged start (e.g. an FP16 checkpoint that depends on fp16's +-65504 attention "
+    "clip, run in fp32 or bf16)")
+
+
+def _damaged_sections(runs: Sequence[Run]) -> list[Section]:
+    """One table per run with trials flagged damaged_at_load; none when no trial was."""
+    out = []
+    for run in runs:
+        table = damaged_at_load(run)
+        if table.num_rows:
+            title = "Damaged at load" + (f": {run.label}" if len(runs) > 1 else "")
+            out.append(Section(title, table, DAMAGED_NOTE))
+    return out
+
+
 def _confirmed_best(run: Run) -> str:
     """The overview's cell: the best confirmed configuration, mean +- SE over n seeds."""
     if not has_confirm(run.trials):
@@ -356,7 +408,7 @@ def _confirmed_best(run: Run) -> str:
     table = confirmed(run.trials)
     best = table.filter(pc.equal(table["vs_best"], BEST))
     if best.num_rows == 0:
-        return "none (a seed diverged or none completed)"
+        return "none (a seed diverged or collapsed, or none completed)"
     row = best.to_pylist()[0]
     se = "?" if row["se"] is None else f"{row['se']:.2g}"
     return f"{row['config_id']}: {row['mean']:.4g} +- {se} ({row['n']} seeds)"
@@ -427,9 +479,10 @@ def build_sections(runs: Sequence[Run], top: int = 10) -> list[Section]:
     overview)."""
     columns = varying_columns(runs)
     rank = ranking(runs, columns, top)
-    sections = [_overview(runs), *_frontier_sections(runs), *_base_sections(runs)]
-    note = ("completed, pruned and running trials; diverged and errored ones are in the "
-            "stability tables; config columns: the ones searched or varying; improvement = "
+    sections = [_overview(runs), *_frontier_sections(runs), *_base_sections(runs),
+                *_damaged_sections(runs)]
+    note = ("completed, pruned and running trials; diverged, collapsed and errored ones are in "
+            "the stability tables; config columns: the ones searched or varying; improvement = "
             "1 - best val / base val")
     single = _single_seed_note(runs)
     sections.append(Section(f"Top {min(top, rank.num_rows)} trials by best validation loss",

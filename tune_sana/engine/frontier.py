@@ -9,12 +9,15 @@ which a trial stays finite for its whole step budget and learning rates at which
 The rules, per combo (``Combo.next_probe`` and ``Combo.verdict``):
 
 - A probe is one trial: an lr and a trial seed. An lr has *diverged* if a probe at it diverged
-  in any seed, and is *stable* if every probe at it completed finite. The bracket is
+  in any seed (a probe that collapsed, finite but wrecked, counts as diverged, its cause
+  ``loss_collapse``), and is *stable* if every probe at it completed finite. The bracket is
   ``(stable_lr, diverged_lr)``: the lowest diverged lr, and the highest stable lr below it.
-- The upper bound is probed first (a diverging trial stops early, so it is cheap).
+- The upper bound is probed first (a diverging trial stops early, so it is cheap). A probe that
+  diverged at step 0, before any update, broke whatever its lr: the lower bound is next.
 - While the bracket is wider than ``tolerance`` (a ratio), the widest gap between its ends and
   the probes still running inside it is bisected (at its geometric middle) with the first
-  seed: with several free slots this is k-section, and slots are shared across combos.
+  seed (or, once another seed has diverged at the bracket's diverging end, with that one):
+  with several free slots this is k-section, and slots are shared across combos.
 - Once it is narrow enough, the other seeds run at both ends. A seed that diverges at the
   stable end makes that lr diverged: the bracket moves down and bisection resumes.
 - Verdicts: ``bracketed`` (both ends run in every seed, ratio <= tolerance);
@@ -51,7 +54,7 @@ from tune_sana.config import TrialConfig
 from tune_sana.engine.relay import unpack
 from tune_sana.engine.space import SweepSpec
 from tune_sana.engine.stopping import is_diverged
-from tune_sana.outcomes import Outcome, Stage, Verdict
+from tune_sana.outcomes import INFEASIBLE, Outcome, Stage, Verdict
 
 STAGE = Stage.FRONTIER.value
 SEED_KEY = "seed"
@@ -169,8 +172,8 @@ class Combo:
         """The next (lr, seed) to run, or None while nothing is worth starting."""
         if self.error() is not None:
             return None
-        first = seeds[0]
         lo, hi = self.bracket()
+        first = self._fragile_seed(hi, seeds)
 
         def missing(lr: float) -> tuple[float, int] | None:
             return next(((lr, s) for s in seeds if not self._ran(lr, s)), None)
@@ -181,6 +184,9 @@ class Combo:
             return missing(self.low)
         if hi is None and not self._ran(self.high, first):
             return (self.high, first)
+        if hi is not None and lo is None and self._before_any_update(hi) \
+                and not self._ran(self.low, first):
+            return (self.low, first)  # it broke before any update: lr cannot have mattered
         a = lo if lo is not None else self.low
         b = hi if hi is not None else self.high
         if not self._narrow(a, b, tol):
@@ -190,6 +196,18 @@ class Combo:
         if hi is None:  # the upper bound is still running
             return None
         return missing(lo) or missing(hi)
+
+    def _fragile_seed(self, hi: float | None, seeds: Sequence[int]) -> int:
+        """The seed bisection runs with: the first seed, or the first one that diverged at
+        the bracket's diverging end (it is the one whose boundary is lowest so far)."""
+        bad = sorted(p.seed for p in self._at(hi) if p.outcome == DIVERGED) if hi else []
+        return bad[0] if bad and bad[0] in seeds else seeds[0]
+
+    def _before_any_update(self, lr: float) -> bool:
+        """Whether the probes that diverged at ``lr`` did so at step 0 (the base's own
+        evaluation, before the first optimizer update)."""
+        bad = [p for p in self._at(lr) if p.outcome == DIVERGED]
+        return bool(bad) and all(p.step == 0 for p in bad)
 
     def _split(self, a: float, b: float, tol: float, seed: int) -> tuple[float, int] | None:
         """The geometric middle of the widest gap between a, the probes running inside
@@ -262,8 +280,8 @@ def probe_of(config: Mapping[str, Any], result: Mapping[str, Any] | None, key: s
     summary = {k: v for row in rows for k, v in row.items() if v is not None}
     if errored or last.get("outcome") == ERROR:
         outcome = ERROR
-    elif any(is_diverged(row) for row in rows):
-        outcome = DIVERGED
+    elif last.get("outcome") in INFEASIBLE or any(is_diverged(row) for row in rows):
+        outcome = DIVERGED  # a collapse (finite, wrecked) is unstable too
     else:
         outcome = COMPLETED
     steps = summary.get("steps_run", summary.get("step", 0))
@@ -293,6 +311,7 @@ def recorded_probes(run_dir: str | os.PathLike[str], key: str,
         if lr is None:
             continue
         outcome = str(row.get("outcome"))
+        outcome = DIVERGED if outcome in INFEASIBLE else outcome  # as probe_of says
         probe = Probe(
             lr=float(lr), seed=DEFAULT_SEED if seed is None else int(seed),
             outcome=outcome if outcome in (COMPLETED, DIVERGED) else ERROR,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tune_sana.config import DEMO_BASE, PRESETS, TrialConfig, UserError
 from tune_sana.data.checkpoints import (
@@ -19,6 +19,9 @@ from tune_sana.data.checkpoints import (
     weights_name,
 )
 from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec, max_t
+
+if TYPE_CHECKING:
+    from tune_sana.training.memory import DataShape
 
 
 def candidates(spec: SweepSpec, key: str) -> list[Any]:
@@ -46,9 +49,10 @@ def check_local(spec: SweepSpec) -> None:
         folder = Path(path) / (subfolder or "")
         if folder.is_dir():
             _check_checkpoint_folder(str(model), folder, variants)
-    for data in candidates(spec, "data"):
-        _check_data(str(data))
+    shapes = {str(data): _check_data(str(data)) for data in candidates(spec, "data")}
     _check_devices(spec)
+    _check_optimizers(spec)
+    _check_fit(spec, shapes)
 
 
 def check_scheduler(spec: SweepSpec) -> None:
@@ -76,17 +80,35 @@ def _check_checkpoint_folder(model: str, folder: Path, variants: list[Any]) -> N
                             f"'{variant}' from the space or use a checkpoint that has it")
 
 
-def _check_data(data: str) -> None:
+def _check_data(data: str) -> DataShape:
     from tune_sana.data.encoded import BUILTIN_PREFIX, load_data
+    from tune_sana.training.memory import DataShape
 
     if data.startswith(BUILTIN_PREFIX):
-        load_data(data)  # unknown built-in names fail here
-        return
+        return DataShape.of(load_data(data))  # unknown built-in names fail here
     folder = Path(data).expanduser()
     if not folder.is_dir():
         raise UserError(f"data '{data}': no such folder; use builtin:shapes, an images folder "
                         "or a folder made by tune-sana cache")
-    load_data(str(folder))  # a corrupt or foreign folder is a UserError naming it
+    return DataShape.of(load_data(str(folder)))  # a corrupt or foreign folder: UserError
+
+
+def _check_fit(spec: SweepSpec, data: dict[str, DataShape]) -> None:
+    """Each trial fits in its share of a GPU, the worst searched combination too (engine/fit.py);
+    model configs are read from config.json, no weights loaded. A hub id this machine cannot
+    reach is not estimated (its trials would fail to load it with their own line)."""
+    from tune_sana.engine import fit
+    from tune_sana.training.models import read_config
+
+    if fit.budget(spec) is None:
+        return
+    configs: dict[str, dict[str, Any]] = {}
+    for model in candidates(spec, "model"):
+        try:
+            configs[str(model)] = read_config(str(model))
+        except UserError:
+            continue
+    fit.check_fit(spec, configs, data)
 
 
 def _check_devices(spec: SweepSpec) -> None:
@@ -102,6 +124,20 @@ def _check_devices(spec: SweepSpec) -> None:
     if torch.cuda.is_available() and devices & {"cuda", "auto"}:
         for mode in candidates(spec, "precision"):
             check_supported(Precision(mode), torch.device("cuda"))
+
+
+def _check_optimizers(spec: SweepSpec) -> None:
+    """Each optimizer the space can pick is installed; a CUDA-only one (adamw8bit) is refused
+    where a trial would run on the CPU: device cpu, or auto with no GPU per trial (Ray hides the
+    GPUs from a trial with resources.gpu 0). The trial refuses it with the same line."""
+    import torch
+
+    from tune_sana.training.optimizer import CUDA_ONLY, check_available
+
+    devices = set(candidates(spec, "device"))
+    on_cpu = "cpu" in devices or ("auto" in devices and spec.resources.gpu == 0)
+    for name in candidates(spec, "optimizer"):
+        check_available(str(name), torch.device("cpu") if on_cpu and name in CUDA_ONLY else None)
 
 
 def check_cluster(spec: SweepSpec) -> None:

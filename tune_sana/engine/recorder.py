@@ -1,8 +1,8 @@
 """The Tune callback that writes the Parquet record on the driver, and prints live progress.
 
 Every reported row goes to history/; every finished trial becomes one trials.parquet row with
-its outcome: ``completed`` or ``diverged`` as the trial said, ``pruned`` when the scheduler
-stopped a finite trial early, ``error`` when it raised (with the message). The row also says
+its outcome: ``completed``, ``diverged`` or ``collapsed`` as the trial said, ``pruned`` when the
+scheduler stopped a finite trial early, ``error`` when it raised (with the message). The row says
 the trial's ``stage`` (``search``, ``confirm`` for the confirm stage's replicas, ``frontier``
 for a frontier search's probes), its ``config_id`` (engine/confirm.py) and, for a probe, the
 ``combo_id`` of the combination it maps (engine/frontier.py).
@@ -196,7 +196,8 @@ class ResultsRecorder(Callback):
         parts = [f"running {running}", f"pending {pending}"] + [
             f"{name} {self._counts.get(name, 0)}" for name in FINISHED
         ]
-        best = f" | best val_loss {self._best[0]:.4g} ({self._best[1]})" if self._best else ""
+        best = (f" | best val_loss {self._best[0]:.4g} ({self._best[1]})"
+                if self._best and not self.combo_keys else "")  # a frontier ranks nothing
         stream = self._stream or sys.stderr
         print(f"[{now - self._started:6.0f}s] " + " | ".join(parts) + best, file=stream,
               flush=True)

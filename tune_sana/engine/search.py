@@ -1,12 +1,14 @@
-"""Search algorithms, and what Optuna is told about a diverged trial.
+"""Search algorithms, and what Optuna is told about a diverged or collapsed trial.
 
 Ray's stock OptunaSearch tells Optuna a NaN as COMPLETE; Optuna refuses it, Ray logs a warning
 and the Optuna trial stays RUNNING forever, so TPE never learns that the region diverges
 (reference/hpo.md). Here a diverged trial is told as COMPLETE with a penalty value *and* marked
 infeasible with ``Trial.set_constraint("diverged", 1.0)``: TPE puts every infeasible trial on
 the bad side of its split, so the sampler learns to stay away from unstable regions whatever the
-penalty's size. TPE models a quarter of the finished trials as good, not Optuna's tenth
-(``good_trials``), so its good density covers the stable region rather than two or three points.
+penalty's size. A collapsed trial (finite, but far worse than its base) is told the same way,
+under its own name (``set_constraint("collapsed", 1.0)``). TPE models a quarter of the finished
+trials as good, not Optuna's tenth (``good_trials``), so its good density covers the stable
+region rather than two or three points.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from tune_sana.engine.stopping import is_diverged
 from tune_sana.outcomes import Outcome
 
 DIVERGED_ATTR = Outcome.DIVERGED.value  # the Optuna user attr and constraint of a diverged trial
+COLLAPSED_ATTR = Outcome.COLLAPSED.value  # ... and of a collapsed one
 GOOD_SHARE = 0.25  # of finished trials, modelled as good by TPE (see good_trials)
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):
-    """OptunaSearch that records diverged trials as infeasible, finished trials (never RUNNING).
+    """OptunaSearch that records diverged and collapsed trials as infeasible, finished trials
+    (never RUNNING).
 
     The value told for a diverged trial is a penalty, one step of ``|worst| + 1`` past the worst
     finite value told so far: ``worst + (|worst| + 1)`` for mode min, ``worst - (|worst| + 1)``
@@ -63,10 +67,11 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
                           error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        if result and is_diverged(result):
+        bad = _infeasible(result)
+        if result and bad is not None:
             ot_trial = self._ot_trials[trial_id]
-            ot_trial.set_user_attr(DIVERGED_ATTR, True)
-            ot_trial.set_constraint(DIVERGED_ATTR, 1.0)  # > 0: infeasible
+            ot_trial.set_user_attr(bad, True)
+            ot_trial.set_constraint(bad, 1.0)  # > 0: infeasible
             ot_trial.set_user_attr("divergence_cause", str(result.get("divergence_cause")))
             study: Any = self._ot_study
             study.tell(ot_trial, self._penalty(), state=optuna.trial.TrialState.COMPLETE)
@@ -78,6 +83,16 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
                                              else value < self._worst)
             self._worst = float(value) if worse else self._worst
         super().on_trial_complete(trial_id, result, error)
+
+
+def _infeasible(result: dict[str, Any] | None) -> str | None:
+    """DIVERGED_ATTR for a diverged result (also one holding a non-finite number),
+    COLLAPSED_ATTR for a collapsed one, else None."""
+    if not result:
+        return None
+    if is_diverged(result):
+        return DIVERGED_ATTR
+    return COLLAPSED_ATTR if result.get("outcome") == Outcome.COLLAPSED else None
 
 
 def good_trials(n_finished: int) -> int:

@@ -114,6 +114,9 @@ class ResourcesSpec(_Strict):
 
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="memory of one GPU (GiB) for preflight's fit check; null = "
+        "read it from the driver's first GPU (no check where it has none)")
 
 
 class Dimension(_Strict):
@@ -473,7 +476,8 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
 def apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """``--set``: a trial key goes to ``fixed`` (and leaves ``space``); a dotted key such as
     ``search.num_samples`` sets that section's field."""
-    out = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    # A deep copy of plain data, in the file's key order (a frontier's labels follow it).
+    out = yaml.safe_load(yaml.safe_dump(raw, sort_keys=False))
     for key, value in overrides.items():
         if "." in key:
             _set_path(out, key, value)

@@ -27,6 +27,8 @@ from tune_sana.config import TrialConfig
 #    improvement, base/final_retain_loss, stage and config_id. Step = optimizer updates done.
 # 3: trials combo_id (the frontier search's combination of categorical settings); the run's
 #    frontier.parquet.
+#    + trials damaged_at_load, native_base_val_loss (step-0 val, native precision); collapsed.
+#    + trials peak_memory_kind: what peak_memory_mb measured (cuda_max_allocated, cpu_peak_rss).
 SCHEMA_VERSION = 3
 TRIALS_FILE = "trials.parquet"
 FRONTIER_FILE = "frontier.parquet"
@@ -71,6 +73,9 @@ SUMMARY_FIELDS: list[pa.Field] = [
     pa.field("n_params", pa.int64()),
     pa.field("error", pa.string()),
     pa.field("retries", pa.int64()),
+    pa.field("damaged_at_load", pa.bool_()),
+    pa.field("native_base_val_loss", pa.float64()),
+    pa.field("peak_memory_kind", pa.string()),  # cuda_max_allocated | cpu_peak_rss
     pa.field("stage", pa.string()),
     pa.field("config_id", pa.string()),
     pa.field("combo_id", pa.string()),

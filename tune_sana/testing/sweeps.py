@@ -81,6 +81,8 @@ class Synth:
     stage: str = Stage.SEARCH.value
     config_id: str | None = None
     seed: int | None = None
+    damaged: bool | None = None  # damaged_at_load (None: no load check recorded)
+    native_base: float | None = None  # native_base_val_loss
 
     @property
     def config(self) -> dict[str, Any]:
@@ -155,8 +157,14 @@ CONFIRMED = [
 def val_curve(t: Synth) -> list[tuple[int, float]]:
     """(step, val loss) at every evaluation after the base's (step 0 is ``t.base``). Finite
     trials fall from the base to exactly ``t.val`` at their last update; diverged ones dip
-    then rise until the update before they diverge."""
+    then rise until the update before they diverge; collapsed ones dip, then rise past 2 x base
+    at their last two evaluations (the last one at ``diverged_step``)."""
     last = t.steps
+    if t.outcome == "collapsed":
+        assert t.diverged_step is not None
+        d = t.diverged_step
+        return [(s, t.base * (0.8 + 3.0 * (s / d) ** 2))
+                for s in range(EVAL_EVERY, d + 1, EVAL_EVERY)]  # d: a multiple of EVAL_EVERY
     if t.outcome == "diverged":
         assert t.diverged_step is not None
         d = t.diverged_step
@@ -195,9 +203,9 @@ def _history_rows(t: Synth) -> list[dict[str, Any]]:
 def _summary(t: Synth) -> dict[str, Any]:
     vals = [v for _, v in val_curve(t)]
     best = min(vals) if vals else None
-    finished = vals and t.outcome != "diverged"
+    finished = vals and t.outcome != "diverged"  # a collapsed trial's last val is finite
     return {"outcome": t.outcome, "divergence_cause": t.cause, "diverged_step": t.diverged_step,
-            "nonfinite_at": None if t.cause is None else "forward",
+            "nonfinite_at": "forward" if t.outcome == "diverged" and t.cause else None,
             "nonfinite_module": t.module, "best_val_loss": best,
             "final_val_loss": vals[-1] if finished else None,
             "base_val_loss": t.base, "improvement": None if best is None else 1 - best / t.base,
@@ -205,7 +213,8 @@ def _summary(t: Synth) -> dict[str, Any]:
             "final_retain_loss": retain_curve(t)[t.steps] if finished else None,
             "steps_run": t.steps, "wall_time_s": 0.1 * t.steps,
             "error": "RuntimeError: synthetic" if t.outcome == "error" else None,
-            "stage": t.stage, "config_id": t.cid}
+            "stage": t.stage, "config_id": t.cid,
+            "damaged_at_load": t.damaged, "native_base_val_loss": t.native_base}
 
 
 def write_sweep(run_dir: Path, trials: Sequence[Synth], running: Sequence[Synth] = (),

@@ -7,10 +7,15 @@ fit together as in the real 0.6B model: the transformer's ``in_channels`` is the
 channels and its ``caption_channels`` is Gemma-2's hidden size. The VAE has two stages (2x
 downsampling), so 16 px images give 8 x 8 latents and the transformer's ``sample_size`` is 8.
 The tokenizer is a character-level GemmaTokenizer (BOS added, as Gemma's is).
+
+Each Sana family (sana, sana-1.5, sana-sprint: training/models.py) has its tiny transformer:
+``save_tiny_transformer`` writes one, shaped for the demo data, as a transformer folder with
+fp16/bf16 weight variants, loaded back by ``load_transformer`` like a real checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +66,29 @@ def tiny_vae() -> Any:
     )
 
 
-def tiny_transformer() -> Any:
+def tiny_transformer(family: str = "sana") -> Any:
     from diffusers import SanaTransformer2DModel
+
+    from tune_sana.training.models import FAMILY_FIELDS
 
     return SanaTransformer2DModel(
         in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_attention_heads=2,
         attention_head_dim=16, num_layers=2, num_cross_attention_heads=2,
         cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=TEXT_DIM,
-        mlp_ratio=2.5, sample_size=LATENT_SIZE, patch_size=1,
+        mlp_ratio=2.5, sample_size=LATENT_SIZE, patch_size=1, **FAMILY_FIELDS[family],
     )
 
 
+def _save_variants(model: Any, folder: Path, variants: tuple[str, ...]) -> None:
+    """Each variant's weights rounded once from the fp32 ones, as diffusers' variant files."""
+    for variant in variants:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[variant]
+        copy.deepcopy(model).to(dtype).save_pretrained(folder, variant=variant)
+
+
 def build_tiny_pipeline(folder: Path, seed: int = 0,
-                        variants: tuple[str, ...] = ("fp16", "bf16")) -> Path:
+                        variants: tuple[str, ...] = ("fp16", "bf16"),
+                        family: str = "sana") -> Path:
     """Save a seeded tiny Sana pipeline to ``folder``; the transformer also as ``variants``."""
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline
 
@@ -82,13 +97,24 @@ def build_tiny_pipeline(folder: Path, seed: int = 0,
         tokenizer = tiny_tokenizer()
         pipe: Any = SanaPipeline(
             tokenizer=tokenizer, text_encoder=tiny_text_encoder(len(tokenizer)),
-            vae=tiny_vae(), transformer=tiny_transformer(),
+            vae=tiny_vae(), transformer=tiny_transformer(family),
             scheduler=DPMSolverMultistepScheduler(),
         )
     pipe.save_pretrained(folder)
-    for variant in variants:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[variant]
-        pipe.transformer.to(dtype).save_pretrained(folder / "transformer", variant=variant)
+    _save_variants(pipe.transformer, folder / "transformer", variants)
+    return folder
+
+
+def save_tiny_transformer(folder: Path, family: str = "sana", seed: int = 0,
+                          variants: tuple[str, ...] = ("fp16", "bf16")) -> Path:
+    """A seeded tiny transformer of ``family`` (models.tiny_config: the ``sana-tiny`` widths,
+    so builtin:shapes and ``random_encoded`` data fit it) saved with ``save_pretrained`` to
+    ``folder`` (config.json + fp32 safetensors), plus each weight variant."""
+    from tune_sana.training.models import tiny_config, tiny_model
+
+    model: Any = tiny_model(seed, tiny_config(family))
+    model.save_pretrained(folder)
+    _save_variants(model, folder, variants)
     return folder
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from tune_sana.config import OnNonfinite, TrialConfig
 from tune_sana.outcomes import Cause, Outcome, clean
 from tune_sana.training import diagnose, health
+from tune_sana.training.damage import CollapseWatch
 from tune_sana.training.health import Finding, Verdict
 
 
@@ -70,7 +71,8 @@ class Divergence:
 
 
 class Guard:
-    """Health state of one trial: spike detector, skip budget, loss-scale floor.
+    """Health state of one trial: spike detector, skip budget, loss-scale floor, and the
+    collapse watch over its validation losses (``collapse``: its base set at step 0).
 
     ``loss_scale`` is GradScaler's scale as the host last saw it (the initial or restored one,
     then each step's after ``update()``); None without loss scaling (every mode but fp16-amp).
@@ -84,17 +86,19 @@ class Guard:
         budget = config.max_skips if config.on_nonfinite is OnNonfinite.SKIP else 0
         self.skips = health.SkipBudget(budget)
         self.skipped_steps = 0
+        self.collapse = CollapseWatch(config.collapse_factor, config.collapse_patience)
 
     def state_dict(self) -> dict[str, Any]:
         return {"level": self.spikes.level, "seen": self.spikes.seen, "used": self.skips.used,
                 "causes": [c.value for c in self.skips.causes],
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "collapse": self.collapse.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.spikes.level, self.spikes.seen = float(state["level"]), int(state["seen"])
         self.skips.used = int(state["used"])
         self.skips.causes = [Cause(c) for c in state["causes"]]
         self.skipped_steps = int(state["skipped_steps"])
+        self.collapse.load_state_dict(state.get("collapse", {}))  # none before collapse existed
 
     def before_step(self, loss: torch.Tensor, gnorm: torch.Tensor) -> tuple[Finding, float, float]:
         """Check loss and grad norm (one sync). Returns the finding and both as floats."""

@@ -10,7 +10,7 @@ import torch
 
 from tune_sana.config import TrialConfig, UserError
 from tune_sana.data.encoded import Encoded
-from tune_sana.device import peak_memory_mb
+from tune_sana.device import peak_memory
 from tune_sana.outcomes import Outcome
 from tune_sana.training.precision import PrecisionPolicy, pairing
 
@@ -58,6 +58,8 @@ class RunStats:
         self.base_val: float | None = None
         self.base_retain: float | None = None
         self.final_retain: float | None = None
+        # the load check (training/damage.py): damaged_at_load, native_base_val_loss
+        self.load_check: dict[str, Any] = {"damaged_at_load": None, "native_base_val_loss": None}
         self.skipped = 0
         self.steps_done = 0
         self.fixed = {
@@ -71,7 +73,8 @@ class RunStats:
         return {"elapsed": time.perf_counter() - self.started, "best_val": self.best_val,
                 "final_val": self.final_val, "skipped": self.skipped,
                 "steps_done": self.steps_done, "base_val": self.base_val,
-                "base_retain": self.base_retain, "final_retain": self.final_retain}
+                "base_retain": self.base_retain, "final_retain": self.final_retain,
+                "load_check": self.load_check}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.started = time.perf_counter() - float(state["elapsed"])
@@ -80,6 +83,7 @@ class RunStats:
         # .get: a checkpoint written before the base was recorded has none
         self.base_val, self.base_retain = state.get("base_val"), state.get("base_retain")
         self.final_retain = state.get("final_retain")
+        self.load_check = state.get("load_check", self.load_check)
 
     def record_base(self, row: dict[str, Any]) -> None:
         """Step 0: the losses of the untouched base."""
@@ -105,6 +109,7 @@ class RunStats:
         if outcome is not Outcome.COMPLETED:
             self.steps_done = step
         wall = time.perf_counter() - self.started
+        peak_mb, peak_kind = peak_memory(self.device)
         summary = {
             **row,
             "outcome": outcome.value,
@@ -122,9 +127,11 @@ class RunStats:
             "improvement": improvement(self.best_val, self.base_val),
             "base_retain_loss": self.base_retain,
             "final_retain_loss": self.final_retain,
+            **self.load_check,
             "wall_time_s": wall,
             "steps_per_s": self.steps_done / wall if wall > 0 else None,
-            "peak_memory_mb": peak_memory_mb(self.device),
+            "peak_memory_mb": peak_mb,
+            "peak_memory_kind": peak_kind,
             **self.fixed,
         }
         report(summary)
