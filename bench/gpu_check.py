@@ -9,16 +9,27 @@
    (32x downsampling, 32 latent channels, real widths), a 2-layer Gemma-2 at 2B widths (hidden
    2304, 8 heads x 256, 4 KV heads) with a character tokenizer; transformer saved with fp16 and
    bf16 variants.
+   The built model works at 512 px: transformer sample_size 16 x the DC-AE's 32x = 512, so the
+   generated images are 512 px and the cache's latents 32 x 16 x 16 (summary ``latent_512px``).
 2. images: the given folder (x.png + x.txt), or ``--n-images`` generated ones.
 3. cache: ``encode.build_cache`` on the GPU, timed; then again, which must load no encoder.
-4. the five precision modes (+ one LoRA trial), each a short trial in this process on the cache:
-   outcome, val loss, steps/s, peak memory; a mode that raises is recorded, not fatal.
+4. the matrix: each of the five precision modes x optimizer (adamw, came; came needs
+   came-pytorch) x gradient_checkpointing (off, on), 20 short trials in this process on the
+   cache, + one LoRA trial. Per run: outcome, val loss, steps/s, peak memory
+   (``peak_memory_mb``, ``peak_memory_kind``: cuda_max_allocated on a GPU, the process's peak
+   RSS on a CPU) against preflight's estimate of the trial's tensors
+   (``training.memory.estimate`` on the transformer's config.json and the cache's DataShape:
+   ``estimate_mb``, ``memory_ratio`` = measured / estimate; meaningful on a GPU only: a CPU's
+   RSS holds the whole process). A run that raises is recorded, not fatal. Keys of ``modes``:
+   "<precision> <optimizer> gc|no-gc".
 5. ``tune-sana sweep search_spaces/stability.yaml`` with 2 trials sharing the GPU (FIFO, the
    steps above), as a subprocess; its trials.parquet outcomes.
 
-Stages past ``--budget-s`` are skipped (and say so). The last line printed is one JSON object.
-``--dry-run`` prints the plan without touching a GPU; ``--scale tiny`` builds the pipeline at
-test size (CPU-friendly) to check this script itself.
+Stages past ``--budget-s`` are skipped (and say so): a stage-4 run starts only with 60 s left
+beyond ``--sweep-reserve-s`` (kept for stage 5 unless ``--skip-sweep``), the sweep with 90 s.
+The last line printed is one JSON object (``memory``: each run's measured/estimate ratios).
+``--dry-run`` prints the plan without touching a GPU; ``--scale tiny --device cpu`` builds the
+pipeline at test size and runs every stage on the CPU to check this script itself.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +49,18 @@ sys.path.insert(0, str(ROOT))
 
 MODES = ("fp32", "fp16-amp", "bf16-amp", "fp16", "bf16")
 NATIVE = {"fp32": None, "fp16-amp": "fp16", "bf16-amp": "bf16", "fp16": "fp16", "bf16": "bf16"}
+OPTIMIZERS = ("adamw", "came")
+CHECKPOINTING = (False, True)
+MIB = 1024**2
+
+
+def matrix() -> list[tuple[str, str, bool]]:
+    """Stage 4's runs: (precision, optimizer, gradient_checkpointing)."""
+    return [(mode, opt, gc) for mode in MODES for opt in OPTIMIZERS for gc in CHECKPOINTING]
+
+
+def label(mode: str, optimizer: str, checkpointing: bool) -> str:
+    return f"{mode} {optimizer} {'gc' if checkpointing else 'no-gc'}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="skip stages that would start after this many seconds")
     parser.add_argument("--sweep-timeout-s", type=float, default=300.0)
+    parser.add_argument("--sweep-reserve-s", type=float, default=120.0,
+                        help="budget seconds stage 4 leaves for the sweep (unless --skip-sweep)")
     parser.add_argument("--scale", choices=["real", "tiny"], default="real",
                         help="size of the built pipeline (tiny: test size, to check the script)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -127,8 +153,8 @@ def build_pipeline(folder: Path, scale: str) -> Path:
             vocab_size=len(tokenizer), hidden_size=2304, intermediate_size=9216,
             num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
             max_position_embeddings=8192, pad_token_id=0, eos_token_id=1, bos_token_id=2))
-    transformer = SanaTransformer2DModel(**transformer_config(scale))
-    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae(scale),
+    transformer: Any = SanaTransformer2DModel(**transformer_config(scale))
+    pipe: Any = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae(scale),
                         transformer=transformer, scheduler=DPMSolverMultistepScheduler())
     tmp = folder.with_name(folder.name + ".tmp")
     pipe.save_pretrained(tmp)
@@ -174,8 +200,20 @@ def build_cache(images: str, model: str, work: Path, args: argparse.Namespace) -
             "text_shape": meta["text_shape"]}
 
 
+def preflight_estimate(config: Any, model: str, data: str, device: str) -> dict[str, Any]:
+    """Preflight's estimate of one trial's tensors (training/memory.py), from the transformer's
+    config.json and the cache's shapes, as engine/preflight.py makes it."""
+    from tune_sana.data.encoded import load_data
+    from tune_sana.training.memory import DataShape, estimate
+    from tune_sana.training.models import read_config
+
+    found = estimate(config, read_config(model), DataShape.of(load_data(data)), device)
+    return {"estimate_mb": round(found.total / MIB, 1), "estimate_phase": found.peak_phase}
+
+
 def run_mode(model: str, data: str, mode: str, variant: str | None,
              args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """One short trial on the cache: its outcome, speed and peak memory against the estimate."""
     import torch
 
     from trials import sana_finetune
@@ -185,15 +223,40 @@ def run_mode(model: str, data: str, mode: str, variant: str | None,
               "steps": args.steps, "batch_size": args.batch_size, "eval_every": args.steps,
               "val_batch_size": 8, "lr": 1e-4, "max_grad_norm": 1.0, "device": args.device,
               **extra}
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    result: dict[str, Any] = {}
     try:
-        summary = sana_finetune.run(build_config(values, source=mode), lambda row: None)
-    except (UserError, RuntimeError, ValueError) as err:  # recorded: the check goes on
-        return {"outcome": "error", "error": f"{type(err).__name__}: {err}"[:500]}
+        config = build_config(values, source=mode)
+        result.update(preflight_estimate(config, model, data, args.device))
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        summary = sana_finetune.run(config, lambda row: None)
+    except (UserError, RuntimeError, ValueError, ImportError) as err:  # recorded: goes on
+        return {"outcome": "error", "error": f"{type(err).__name__}: {err}"[:500], **result}
     keys = ("outcome", "divergence_cause", "diverged_step", "nonfinite_module", "final_val_loss",
-            "steps_run", "steps_per_s", "peak_memory_mb", "pairing", "n_params")
-    return {k: summary.get(k) for k in keys}
+            "steps_run", "steps_per_s", "peak_memory_mb", "peak_memory_kind", "pairing",
+            "n_params")
+    result.update({k: summary.get(k) for k in keys})
+    peak, est = result.get("peak_memory_mb"), result.get("estimate_mb")
+    result["memory_ratio"] = round(peak / est, 3) if peak and est else None
+    return result
+
+
+def run_matrix(model: str, data: str, args: argparse.Namespace,
+               left: Callable[[], float]) -> dict[str, dict[str, Any]]:
+    """Stage 4: every precision mode x optimizer x gradient_checkpointing, while the budget
+    (less the sweep's reserve) lasts; the rest are recorded as skipped."""
+    reserve = 0.0 if args.skip_sweep else args.sweep_reserve_s
+    runs: dict[str, dict[str, Any]] = {}
+    for mode, optimizer, checkpointing in matrix():
+        name = label(mode, optimizer, checkpointing)
+        if left() < 60 + reserve:
+            runs[name] = {"outcome": "skipped", "error": "time budget"}
+            continue
+        variant = args.variant if args.model else NATIVE[mode]
+        runs[name] = run_mode(model, data, mode, variant, args, optimizer=optimizer,
+                              gradient_checkpointing=checkpointing)
+        print(json.dumps({"run": name, **runs[name]}, default=str), flush=True)
+    return runs
 
 
 def run_sweep(model: str, data: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -240,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).expanduser().resolve()
     plan = {"model": args.model or f"random Sana-shaped ({args.scale})",
             "images": args.images or f"{args.n_images} generated", "work": str(work),
-            "modes": list(MODES) + ["lora (bf16-amp)"],
+            "modes": [label(*run) for run in matrix()] + ["lora (bf16-amp adamw no-gc)"],
             "sweep": None if args.skip_sweep else args.space, "steps": args.steps}
     if args.dry_run:
         print(json.dumps({"plan": plan}))
@@ -255,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def left() -> float:
-        return args.budget_s - (time.perf_counter() - started)
+        return float(args.budget_s) - (time.perf_counter() - started)
 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -271,15 +334,13 @@ def main(argv: list[str] | None = None) -> int:
             write_images(Path(images), args.n_images, size=size)
     summary["cache"] = build_cache(images, model, work, args)
     data = summary["cache"]["folder"]
+    if args.scale == "real" and not args.model and not args.resolution:
+        summary["latent_512px"] = (summary["cache"]["resolution"] == 512
+                                   and list(summary["cache"]["latent_shape"]) == [32, 16, 16])
 
-    summary["modes"] = {}
-    for mode in MODES:
-        if left() < 60:
-            summary["modes"][mode] = {"outcome": "skipped", "error": "time budget"}
-            continue
-        variant = args.variant if args.model else NATIVE[mode]
-        summary["modes"][mode] = run_mode(model, data, mode, variant, args)
-    if left() >= 60:
+    summary["modes"] = run_matrix(model, data, args, left)
+    summary["memory"] = {name: run.get("memory_ratio") for name, run in summary["modes"].items()}
+    if left() >= 60 + (0.0 if args.skip_sweep else args.sweep_reserve_s):
         lora_variant = args.variant if args.model else "bf16"
         summary["lora"] = run_mode(model, data, "bf16-amp", lora_variant, args,
                                    finetune="lora", lora_rank=8, lr=1e-3)
@@ -290,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             summary["sweep"] = {"skipped": "time budget"}
     failed = [m for m, r in summary["modes"].items() if r.get("outcome") in ("error", "skipped")]
     sweep_ok = args.skip_sweep or summary.get("sweep", {}).get("rc") == 0
-    summary["ok"] = bool(summary["cache"]["second_call_no_op"] and not failed and sweep_ok)
+    summary["ok"] = bool(summary["cache"]["second_call_no_op"] and not failed and sweep_ok
+                         and summary.get("latent_512px", True))
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary, default=str))
     return 0 if summary["ok"] else 1

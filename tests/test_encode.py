@@ -198,4 +198,5 @@ def test_gpu_check_parses_its_arguments_and_plans(capsys: pytest.CaptureFixture[
     assert (args.model, args.steps, args.skip_sweep, args.device) == ("/ckpt", 5, True, "cuda")
     assert module.main(["--dry-run", "--images", "/imgs"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plan"]
-    assert plan["images"] == "/imgs" and len(plan["modes"]) == 6
+    assert plan["images"] == "/imgs" and len(plan["modes"]) == 21
+    assert "bf16-amp came gc" in plan["modes"] and "fp32 adamw no-gc" in plan["modes"]
