@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,16 @@ def write_space(folder: Path, name: str, spec: dict[str, Any]) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(f"# tune-sana sweep {path}\n" + yaml.safe_dump(spec))
     return path
+
+
+def start_sweep(space_file: Path, storage: Path, *extra: str,
+                env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``tune-sana sweep`` of run "k" under ``storage`` in its own process and session, so a
+    test can SIGKILL the whole driver (os.killpg) and then resume it; stderr is piped."""
+    cmd = [sys.executable, "-m", "tune_sana.cli", "sweep", str(space_file), "--storage",
+           str(storage), "--name", "k", "--num-cpus", "2", "--progress-every", "30", *extra]
+    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
 def run_cli(*args: str) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.engine import run_cli, trials_by_id, write_space
+from tests.engine import run_cli, start_sweep, trials_by_id, write_space
 from tune_sana.engine import confirm, space
 from tune_sana.engine.space import SweepSpec
 from tune_sana.record.readers import read_history
@@ -261,8 +261,6 @@ def test_sigkill_during_the_confirm_stage_then_resume(tmp_path: Path) -> None:
     missing replica once and leaves every recorded trial as it was."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     space_file = write_space(tmp_path, "kill", {
@@ -275,19 +273,12 @@ def test_sigkill_during_the_confirm_stage_then_resume(tmp_path: Path) -> None:
     })
     run_dir = tmp_path / "k"
 
-    def sweep(*extra: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "tune_sana.cli", "sweep", str(space_file), "--storage",
-               str(tmp_path), "--name", "k", "--num-cpus", "2", "--progress-every", "30",
-               *extra]
-        return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-
     def stages() -> list[str]:
         if not (run_dir / "trials.parquet").is_file():
             return []
         return [str(r["stage"]) for r in trials_by_id(run_dir).values()]
 
-    driver = sweep()
+    driver = start_sweep(space_file, tmp_path)
     deadline = time.monotonic() + 240
     while stages().count("confirm") < 1:
         assert driver.poll() is None, driver.stderr.read() if driver.stderr else ""
@@ -298,7 +289,7 @@ def test_sigkill_during_the_confirm_stage_then_resume(tmp_path: Path) -> None:
     before = trials_by_id(run_dir)
     assert 1 <= stages().count("confirm") < 6
 
-    resumed = sweep("--resume")
+    resumed = start_sweep(space_file, tmp_path, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
     assert "(resumed: " in err.decode()

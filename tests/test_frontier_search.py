@@ -7,8 +7,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.engine import run_cli, trials_by_id, write_space
+from tests.engine import run_cli, start_sweep, trials_by_id, write_space
 from tune_sana.config import UserError
 from tune_sana.engine.frontier import FrontierSearcher, combo_id
 from tune_sana.engine.space import parse_spec
@@ -267,14 +265,7 @@ def test_sigkill_in_the_middle_of_a_bisection_then_resume(tmp_path: Path) -> Non
     space_file = write_space(tmp_path, "front", slow)
     run_dir = tmp_path / "k"
 
-    def sweep(*extra: str) -> subprocess.Popen[bytes]:
-        cmd = [sys.executable, "-m", "tune_sana.cli", "sweep", str(space_file), "--storage",
-               str(tmp_path), "--name", "k", "--num-cpus", "2", "--progress-every", "30",
-               *extra]
-        return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
-
-    driver = sweep()
+    driver = start_sweep(space_file, tmp_path)
     deadline = time.monotonic() + 240
     while True:  # kill it once some probes are recorded and the bisection is not done
         table = read_frontier(run_dir) if (run_dir / "frontier.parquet").is_file() else None
@@ -285,7 +276,7 @@ def test_sigkill_in_the_middle_of_a_bisection_then_resume(tmp_path: Path) -> Non
     assert "searching" in table.column("verdict").to_pylist()
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    resumed = sweep("--resume")
+    resumed = start_sweep(space_file, tmp_path, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
     _check_record(run_dir)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.engine import trials_by_id, write_space
+from tests.engine import start_sweep, trials_by_id, write_space
 from tune_sana.record.readers import read_history
 from tune_sana.record.writer import FAULT_ENV
 
@@ -19,14 +18,6 @@ pytestmark = pytest.mark.slow
 
 SAMPLES = 6
 STEPS = 30
-
-
-def _sweep(space_file: Path, storage: Path, *extra: str,
-           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "tune_sana.cli", "sweep", str(space_file), "--storage",
-           str(storage), "--name", "k", "--num-cpus", "2", "--progress-every", "30", *extra]
-    return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
 def _finished(run_dir: Path) -> dict[str, dict[str, object]]:
@@ -48,7 +39,7 @@ def _space(tmp_path: Path) -> Path:
 def _resume_and_check(space_file: Path, run_dir: Path,
                       before: dict[str, dict[str, object]]) -> None:
     """--resume finishes the sweep: every trial once, finished ones unchanged, no step twice."""
-    resumed = _sweep(space_file, run_dir.parent, "--resume")
+    resumed = start_sweep(space_file, run_dir.parent, "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err.decode()[-2000:]
 
@@ -67,7 +58,7 @@ def _resume_and_check(space_file: Path, run_dir: Path,
 
 def test_sigkill_before_the_first_result_then_resume(tmp_path: Path) -> None:
     space_file, run_dir = _space(tmp_path), tmp_path / "k"
-    driver = _sweep(space_file, tmp_path)
+    driver = start_sweep(space_file, tmp_path)
     deadline = time.monotonic() + 180
     while not (run_dir / "tuner.pkl").is_file():
         assert driver.poll() is None and time.monotonic() < deadline
@@ -81,7 +72,7 @@ def test_sigkill_before_the_first_result_then_resume(tmp_path: Path) -> None:
 def test_sigkill_during_a_parquet_flush_then_resume(tmp_path: Path) -> None:
     """The driver dies inside its 3rd atomic write: the half-written file is never visible."""
     space_file, run_dir = _space(tmp_path), tmp_path / "k"
-    driver = _sweep(space_file, tmp_path, env={FAULT_ENV: "3"})
+    driver = start_sweep(space_file, tmp_path, env={FAULT_ENV: "3"})
     _, err = driver.communicate(timeout=300)
     assert driver.returncode == -signal.SIGKILL, err.decode()[-2000:]
     subprocess.run(["pkill", "-9", "-s", str(driver.pid)], check=False)  # its Ray processes
@@ -93,7 +84,7 @@ def test_sigkill_during_a_parquet_flush_then_resume(tmp_path: Path) -> None:
 
 def test_sigkill_mid_sweep_then_resume(tmp_path: Path) -> None:
     space_file, run_dir = _space(tmp_path), tmp_path / "k"
-    driver = _sweep(space_file, tmp_path)
+    driver = start_sweep(space_file, tmp_path)
     deadline = time.monotonic() + 180
     while len(_finished(run_dir)) < 2:
         assert driver.poll() is None, driver.stderr.read() if driver.stderr else ""

@@ -49,8 +49,14 @@ def config_id(config: Mapping[str, Any]) -> str:
     trials.parquet has the id of the one that ran: a whole float is the integer (a float
     column holds a choice of 1 as 1.0), an enum is its value, a tuple is a list.
     """
-    settings = {str(k): _canonical(v) for k, v in config.items() if k != SEED_KEY}
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return digest({k: v for k, v in config.items() if k != SEED_KEY})
+
+
+def digest(settings: Mapping[str, Any]) -> str:
+    """12 hex digits of the SHA-256 of ``settings`` as canonical JSON (values as the record
+    keeps them: see config_id). Names a configuration here, a frontier combination there."""
+    canonical = {str(k): _canonical(v) for k, v in settings.items()}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -114,10 +114,7 @@ def _values(spec: SweepSpec, key: str) -> list[Any]:
     """Every value ``key`` can take that matters for memory: each choice, both ends of a range,
     else the fixed value or the default."""
     if key in spec.space:
-        dim = spec.space[key]
-        if dim.kind in ("choice", "grid"):
-            return dim.values()
-        return list(getattr(dim, dim.kind))
+        return spec.space[key].extremes()
     default = TrialConfig.model_fields[key].default
     value = spec.fixed.get(key, default)
     return [getattr(value, "value", value)]

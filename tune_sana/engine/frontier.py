@@ -38,7 +38,6 @@ the probes already in trials.parquet, so a bisection cut short goes on where it 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -77,13 +76,11 @@ def combo_keys(spec: SweepSpec) -> tuple[str, ...]:
 
 
 def combo_id(values: Mapping[str, Any]) -> str:
-    """12 hex digits naming a combination of categorical values (canonical JSON, as
-    confirm.config_id: a whole float is the integer, an enum its value)."""
-    from tune_sana.engine.confirm import _canonical
+    """12 hex digits naming a combination of categorical values (confirm.digest, as
+    config_id: a whole float is the integer, an enum its value)."""
+    from tune_sana.engine.confirm import digest
 
-    settings = {str(k): _canonical(v) for k, v in values.items()}
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return digest(values)
 
 
 def label(values: Mapping[str, Any]) -> str:

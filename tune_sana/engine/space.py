@@ -157,6 +157,11 @@ class Dimension(_Strict):
         """Every value a choice/grid can take (for validation)."""
         return list(self.choice or self.grid or [])
 
+    def extremes(self) -> list[Any]:
+        """Every choice/grid value, or both ends of a range: the values a check that must
+        hold across the dimension tries."""
+        return self.values() if self.kind in ("choice", "grid") else list(getattr(self, self.kind))
+
 
 class SweepSpec(_Strict):
     """A whole sweep, as loaded from a space file plus ``--set`` overrides."""
@@ -295,8 +300,7 @@ def _check_against_trial(spec: SweepSpec, source: str) -> None:
     for key, dim in spec.space.items():
         where = f"{source}: space.{key}"
         _check_kind(key, dim, where)
-        values = dim.values() if dim.kind in ("choice", "grid") else list(getattr(dim, dim.kind))
-        for value in values:  # every choice; both ends of a range
+        for value in dim.extremes():  # every choice; both ends of a range
             problem = _type_problem(key, value)
             if problem:
                 raise UserError(f"{where}: {problem}")
