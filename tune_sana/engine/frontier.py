@@ -334,6 +334,7 @@ class FrontierSearcher(Searcher):
         self._tol = tolerance(spec)
         self._seeds = seeds(spec)
         self._combos = [Combo(values, float(low), float(high)) for values in combos(spec)]
+        self._by_id = {c.id: i for i, c in enumerate(self._combos)}  # combo id -> index
         self._issued: dict[str, tuple[int, float, int]] = {}  # trial id -> combo, lr, seed
         self._run_dir = run_dir
         self._spec_yaml = spec.to_yaml()
@@ -381,8 +382,7 @@ class FrontierSearcher(Searcher):
                    for c in self._combos)
 
     def _index(self, config: Mapping[str, Any]) -> int | None:
-        wanted = combo_id({k: config.get(k) for k in self._keys})
-        return next((i for i, c in enumerate(self._combos) if c.id == wanted), None)
+        return self._by_id.get(combo_id({k: config.get(k) for k in self._keys}))
 
     # the record ----------------------------------------------------------------------------------
 
