@@ -51,6 +51,15 @@ def _fixed(extra: str) -> Callable[[Path], list[str]]:
     return _replace("device: cpu}", f"device: cpu, {extra}}}")
 
 
+def _fixed_resources(extra: str, resources: str) -> Callable[[Path], list[str]]:
+    """GOOD with ``extra`` fixed and ``resources`` set."""
+    def args(tmp: Path) -> list[str]:
+        text = GOOD.replace("device: cpu}", f"device: cpu, {extra}}}").replace(
+            "scheduler:", f"resources: {resources}\nscheduler:")
+        return ["sweep", _space(tmp, text)]
+    return args
+
+
 def _checkpoint(tmp: Path, config: str | None = "{}", weights: bool = True) -> Path:
     folder = tmp / "ckpt"
     folder.mkdir()
@@ -89,6 +98,14 @@ def _run_dir_of_other_space(tmp: Path) -> list[str]:
     (run / "sweep.yaml").write_text("trial: sana_finetune\nfixed: {steps: 99}\n")
     return ["sweep", _space(tmp, GOOD), "--storage", str(tmp / "runs"), "--name", "old",
             "--resume"]
+
+
+def _named(name: str, uri: bool = False) -> Callable[[Path], list[str]]:
+    """GOOD run under --storage <tmp>/runs (a path or a file:// URI) with --name ``name``."""
+    def args(tmp: Path) -> list[str]:
+        storage = (tmp / "runs").as_uri() if uri else str(tmp / "runs")
+        return ["sweep", _space(tmp, GOOD), "--storage", storage, "--name", name]
+    return args
 
 
 def _not_writable_storage(tmp: Path) -> list[str]:
@@ -235,6 +252,18 @@ CASES: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                         "True is not a number"),
     "grace period beyond the steps": (_replace("type: fifo", "type: asha, grace_period: 10"),
                                       "scheduler.grace_period 10 is more than the 5 steps"),
+    # Multi-worker trials (tests/test_workers_ray.py: workers that cannot fit the cluster).
+    "no workers": (_replace("scheduler:", "resources: {workers: 0}\nscheduler:"),
+                   "resources.workers"),
+    "unknown parallel mode": (_replace("scheduler:", "resources: {workers: 2, parallel: tp}\n"
+                                       "scheduler:"), "resources.parallel"),
+    "fsdp with came": (_fixed_resources("optimizer: came", "{workers: 2, parallel: fsdp}"),
+                       "optimizer came with resources.parallel fsdp"),
+    # A run name is one folder under --storage, never a way out of it (tests/test_names.py).
+    "name that climbs out of the storage": (_named("../x"), "--name '../x': a run name must"),
+    "name with a separator": (_named("a/b"), "--name 'a/b': a run name must be one folder"),
+    "empty name": (_named(""), "--name '': a run name must be one folder name"),
+    "name a URI decodes to ..": (_named("%2e%2e", uri=True), "--name '%2e%2e': a run name"),
 }
 
 

@@ -35,12 +35,13 @@ def _spec(space: dict[str, Any] | None = None, **search: Any) -> Any:
 
 
 def _drive(searcher: FrontierSearcher, diverges: Oracle, slots: int,
-           stop_after: int | None = None) -> list[tuple[float, int, dict[str, Any]]]:
+           stop_after: int | None = None, first_id: int = 0
+           ) -> list[tuple[float, int, dict[str, Any]]]:
     """Run the searcher as Tune would with ``slots`` concurrent trials, finishing the oldest
     running trial first; returns every (lr, seed, combo) in the order suggested."""
     running: list[tuple[str, dict[str, Any]]] = []
     asked: list[tuple[float, int, dict[str, Any]]] = []
-    n = 0
+    n = first_id
     while True:
         while len(running) < slots:
             config = searcher.suggest(f"t{n}")
@@ -53,15 +54,21 @@ def _drive(searcher: FrontierSearcher, diverges: Oracle, slots: int,
         if not running or (stop_after is not None and n >= stop_after):
             return asked
         trial_id, config = running.pop(0)
-        combo = {k: v for k, v in config.items() if k not in ("lr", "seed")}
-        verdict = diverges(config["lr"], config["seed"], combo)
-        if verdict is not False:
-            step = 5 if verdict is True else int(verdict)
-            result = {"step": step, "outcome": "diverged", "divergence_cause": "nonfinite_loss",
-                      "diverged_step": step, "nonfinite_module": "blocks.0.attn1"}
-        else:
-            result = {"step": 10, "outcome": "completed", "steps_run": 10}
-        searcher.on_trial_complete(trial_id, {**result, "config": config})
+        _finish(searcher, diverges, trial_id, config)
+
+
+def _finish(searcher: FrontierSearcher, diverges: Oracle, trial_id: str,
+            config: dict[str, Any]) -> None:
+    """Tell the searcher the trial's result, as the oracle decides it."""
+    combo = {k: v for k, v in config.items() if k not in ("lr", "seed")}
+    verdict = diverges(config["lr"], config["seed"], combo)
+    if verdict is not False:
+        step = 5 if verdict is True else int(verdict)
+        result = {"step": step, "outcome": "diverged", "divergence_cause": "nonfinite_loss",
+                  "diverged_step": step, "nonfinite_module": "blocks.0.attn1"}
+    else:
+        result = {"step": 10, "outcome": "completed", "steps_run": 10}
+    searcher.on_trial_complete(trial_id, {**result, "config": config})
 
 
 def _row(searcher: FrontierSearcher, **combo: Any) -> dict[str, Any]:
@@ -177,10 +184,12 @@ def test_save_and_restore_in_the_middle_of_a_bisection(tmp_path: Path) -> None:
     first.save(str(tmp_path / "state.json"))
     second = FrontierSearcher(_spec(), None, "val_loss", "min")
     second.restore(str(tmp_path / "state.json"))
-    after = _drive(second, oracle, slots=1)
-    # The 4th suggestion was still running when saved: it is asked again; nothing else is.
-    assert after[0][:2] == before[-1][:2]
-    assert [a[:2] for a in before[:3] + after] == [a[:2] for a in
+    # The 4th suggestion was still running when saved: Ray resumes that trial, so the
+    # restored searcher waits for its result instead of asking it again (which ran it twice).
+    lr, seed, combo = before[-1]
+    _finish(second, oracle, "t3", {"lr": lr, "seed": seed, **combo})
+    after = _drive(second, oracle, slots=1, first_id=4)
+    assert [a[:2] for a in before + after] == [a[:2] for a in
                                                    _drive(FrontierSearcher(
                                                        _spec(), None, "val_loss", "min"),
                                                        oracle, slots=1)]

@@ -28,7 +28,8 @@ SPEC = space.parse_spec(
 def _run_three(searcher: OptunaSearch) -> list[optuna.trial.FrozenTrial]:
     for trial_id in ("a", "b", "c"):
         assert searcher.suggest(trial_id) is not None
-    searcher.on_trial_complete("a", {"val_loss": 0.5, "training_iteration": 5})
+    searcher.on_trial_complete("a", {"val_loss": 0.5, "outcome": "completed",
+                                     "training_iteration": 5})
     searcher.on_trial_complete("b", {"val_loss": math.nan, "training_iteration": 5})
     searcher.on_trial_complete("c", {"outcome": "diverged", "divergence_cause": "nonfinite_loss",
                                      "training_iteration": 2})

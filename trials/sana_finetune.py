@@ -13,6 +13,11 @@ loss_scale, skipped, step_time_s, val_loss and retain_loss (on evaluation steps)
 checked on the accumulated gradient before and after each optimizer step, with one host sync
 each; the step a trial diverges is its last, and its row says why and where.
 
+Several workers (training/ranks.py): the runtime initialises torch.distributed and passes
+``ranks``; every rank runs this same loop on its shard of each global batch, the pre-step check
+is agreed across ranks once per step, and every rank stops at the same step with the same cause.
+With one worker ``ranks`` is the default and nothing changes.
+
 Damage without NaN (training/damage.py): step 0 also evaluates the base in the checkpoint's
 native precision when the trial computes in another dtype (``damaged_at_load``: a flag), and a
 val loss that stays above collapse_factor x the base ends the trial as ``collapsed``.
@@ -29,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tune_sana.config import TrialConfig
+from tune_sana.config import TrialConfig, UserError
 from tune_sana.data.encoded import DataSplit, Encoded, load_data
 from tune_sana.device import pick_device, reset_peak_memory
 from tune_sana.outcomes import Cause, Outcome, clean
@@ -43,6 +48,7 @@ from tune_sana.training.health import Verdict
 from tune_sana.training.lora import apply_finetune
 from tune_sana.training.models import load_transformer
 from tune_sana.training.optimizer import check_available, make_optimizer
+from tune_sana.training.ranks import FSDP_CAME, Ranks
 from tune_sana.training.runtime import Batches, RunStats
 from tune_sana.training.schedule import lr_scheduler
 from tune_sana.training.validation import FixedValidation
@@ -58,8 +64,10 @@ class Parts:
     device: torch.device
     policy: prec.PrecisionPolicy
     data: DataSplit
-    model: nn.Module  # precision and attention applied, in train mode
-    params: list[nn.Parameter]  # the trainable ones
+    model: nn.Module  # what the training forward runs: net, or DDP over it (ranks.wrap)
+    net: nn.Module  # the model itself: precision and attention applied, in train mode
+    ranks: Ranks
+    params: list[nn.Parameter]  # the trainable ones (FSDP: shards)
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler  # a pass-through except under fp16-amp
@@ -73,15 +81,17 @@ class Parts:
     @property
     def state(self) -> TrainState:
         """What a checkpoint holds: enough to go on exactly where the trial was."""
-        return TrainState(self.model, self.optimizer, self.scheduler, self.scaler, self.batches,
-                          self.noise_gen, self.guard, self.stats)
+        return TrainState(self.net, self.optimizer, self.scheduler, self.scaler, self.batches,
+                          self.noise_gen, self.guard, self.stats, self.ranks)
 
     def next_batch(self) -> FlowBatch:
-        """One optimizer step's batch (batch_size x grad_accum_steps samples) with its noise and
-        timesteps, on the device."""
+        """This rank's share (batch_size x grad_accum_steps samples) of one optimizer step's
+        global batch, with its noise and timesteps, on the device. Every rank draws the whole
+        global batch from the same generators, so the shards never overlap."""
         cfg = self.config
-        return make_batch(self.batches.next(), self.noise_gen, cfg.logit_mean, cfg.logit_std,
-                          cfg.flow_shift).to(self.device)
+        batch = make_batch(self.batches.next(), self.noise_gen, cfg.logit_mean, cfg.logit_std,
+                           cfg.flow_shift)
+        return batch.slice(*self.ranks.shard_bounds(len(batch))).to(self.device)
 
     def loss(self, batch: FlowBatch) -> torch.Tensor:
         """The flow loss of ``batch`` under the precision policy (fp32, 0-dim; NaN stays NaN)."""
@@ -93,19 +103,23 @@ class Parts:
         the gradient of their mean loss (each weighted by its share of the samples). Returns that
         mean loss (fp32, 0-dim, on the device: no host sync; NaN if any micro-batch's is)."""
         loss = torch.zeros((), device=self.device)
-        for micro in batch.split(self.config.batch_size):
-            part = self.loss(micro) * (len(micro) / len(batch))
-            self.scaler.scale(part).backward()
+        micros = batch.split(self.config.batch_size)
+        for i, micro in enumerate(micros):
+            with self.ranks.no_sync(self.model, last=i == len(micros) - 1):
+                part = self.loss(micro) * (len(micro) / len(batch))
+                self.scaler.scale(part).backward()
             loss = loss + part.detach()
         return loss
 
     def losses(self, batch: FlowBatch) -> list[torch.Tensor]:
         """Each micro-batch's loss, no backward: the replay that locates a step's non-finite."""
-        return [self.loss(micro) for micro in batch.split(self.config.batch_size)]
+        with prec.autocast(self.policy, self.device):  # the model itself: no DDP hooks
+            return [flow_loss(self.net, micro, self.policy.weight_dtype)
+                    for micro in batch.split(self.config.batch_size)]
 
     def validation(self) -> float:
         """The fixed-seed validation loss (NaN when the model's output is not finite)."""
-        return self.validate(self.model, self.policy.weight_dtype,
+        return self.validate(self.net, self.policy.weight_dtype,
                              prec.autocast(self.policy, self.device))
 
     def native_validation(self) -> float:
@@ -124,7 +138,7 @@ class Parts:
         """The fixed-seed retain loss, or None when the data has no retain set."""
         if self.retain is None:
             return None
-        return self.retain(self.model, self.policy.weight_dtype,
+        return self.retain(self.net, self.policy.weight_dtype,
                            prec.autocast(self.policy, self.device))
 
     def evaluate(self, row: dict[str, Any]) -> Callable[[], object] | None:
@@ -132,38 +146,49 @@ class Parts:
         the replay of the evaluation that went non-finite (for locating it)."""
         row["val_loss"] = clean(self.validation())
         if row["val_loss"] is None:
-            return functools.partial(self.loss, self.validate.batch)
+            return functools.partial(self.replay_one, self.validate.batch)
         if self.retain is not None:
             row["retain_loss"] = clean(self.retention())
             if row["retain_loss"] is None:
-                return functools.partial(self.loss, self.retain.batch)
+                return functools.partial(self.replay_one, self.retain.batch)
         return None
+
+    def replay_one(self, batch: FlowBatch) -> torch.Tensor:
+        """The loss of ``batch`` through the model itself (a replay: no DDP hooks)."""
+        with prec.autocast(self.policy, self.device):
+            return flow_loss(self.net, batch, self.policy.weight_dtype)
 
 
 def run(config: TrialConfig, report: Report,
         on_model: Callable[[nn.Module], None] | None = None,
-        checkpoint: Checkpointer | None = None) -> dict[str, Any]:
+        checkpoint: Checkpointer | None = None, ranks: Ranks | None = None) -> dict[str, Any]:
     """Train for ``config.steps`` steps or until divergence; returns the summary row.
 
-    ``on_model`` is ``setup``'s seam; ``checkpoint`` is where ``train`` resumes from and saves to.
+    ``on_model`` is ``setup``'s seam; ``checkpoint`` is where ``train`` resumes from and saves to;
+    ``ranks`` is this process's place among the trial's workers (default: the only one).
     """
-    return train(setup(config, on_model), report, checkpoint)
+    return train(setup(config, on_model, ranks), report, checkpoint)
 
 
 def setup(config: TrialConfig,
-          on_model: Callable[[nn.Module], None] | None = None) -> Parts:
+          on_model: Callable[[nn.Module], None] | None = None,
+          ranks: Ranks | None = None) -> Parts:
     """Build one trial's parts: device, precision policy, data, model, optimizer, checks.
 
     ``on_model``, if given, is called once with the ready model (precision and attention applied,
     in train mode) before anything else is built: a seam for tests and diagnostics to register
     hooks, e.g. one that corrupts a weight at a chosen step, and for benchmarks to start a clock.
     Engines never pass it. UserError if the device cannot run the precision mode or the
-    optimizer (a missing extra, adamw8bit off a GPU).
+    optimizer (a missing extra, adamw8bit off a GPU). ``ranks.device`` (set by a multi-worker
+    runtime: this worker's GPU) takes the place of ``config.device``.
     """
-    device = pick_device(config.device)
+    ranks = ranks or Ranks()
+    device = pick_device(ranks.device or config.device)
     policy = prec.policy_for(config.precision)
     prec.check_supported(policy.mode, device)
     check_available(config.optimizer, device)
+    if ranks.sharded and config.optimizer == "came":
+        raise UserError(FSDP_CAME)
     reset_peak_memory(device)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -180,22 +205,24 @@ def setup(config: TrialConfig,
     model.train()
     if on_model is not None:
         on_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    net, model = model, ranks.wrap(model, device)  # fsdp shards net in place: wrap first
+    params = [p for p in net.parameters() if p.requires_grad]
 
     optimizer = make_optimizer(params, config)
-    scaler = prec.grad_scaler(policy, device)
+    scaler = prec.grad_scaler(policy, device, sharded=ranks.sharded)
     return Parts(
-        config, device, policy, data, model, params, optimizer,
+        config, device, policy, data, model, net, ranks, params, optimizer,
         scheduler=lr_scheduler(optimizer, config),
         scaler=scaler,
         guard=Guard(config, loss_scale=prec.scale_on_host(scaler)),  # no sync yet: a float
         validate=_fixed_validation(data.val, config, device),
         retain=_fixed_validation(data.retain, config, device) if data.retain is not None
         else None,
-        batches=Batches(data.train, config.batch_size * config.grad_accum_steps,
+        batches=Batches(data.train, config.batch_size * config.grad_accum_steps * ranks.world,
                         seed=config.seed),
         noise_gen=torch.Generator().manual_seed(config.seed),
-        stats=RunStats(config, policy, device, n_params=sum(p.numel() for p in params)),
+        stats=RunStats(config, policy, device, n_params=sum(p.numel() for p in params),
+                       workers=ranks.world),
     )
 
 
@@ -226,9 +253,10 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
         p.optimizer.zero_grad(set_to_none=True)
         loss = p.backward(batch)  # grad_accum_steps micro-batches: one accumulated gradient
         p.scaler.unscale_(p.optimizer)
-        gnorm = grad_norm(p.params, config.max_grad_norm)
+        gnorm = grad_norm(p.params, config.max_grad_norm, p.ranks)
 
-        finding, loss_f, gnorm_f = p.guard.before_step(loss, gnorm)  # sync 1: loss, grad norm
+        # sync 1: loss and grad norm, agreed across ranks (one all-reduce with several workers)
+        finding, loss_f, gnorm_f = p.guard.before_step(loss, gnorm, p.ranks)
         if finding.verdict is Verdict.DIVERGED:
             row = _row(step, loss_f, gnorm_f, lr, p.guard.loss_scale, True, started)
             return _diverged(p, report, step, finding.cause, row,
@@ -243,7 +271,7 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
         p.scaler.update()  # fp16-amp: halves the scale if unscale_ found inf/NaN (on the device)
         p.scheduler.step()
 
-        pnorm, scale = param_norm(p.params), prec.scale_on_device(p.scaler)
+        pnorm, scale = param_norm(p.params, p.ranks), prec.scale_on_device(p.scaler)
         finding, backed_off = p.guard.after_step(pnorm, scale)  # sync 2: both together
         skipped = skipped or backed_off
         row = _row(step, loss_f, gnorm_f, lr, p.guard.loss_scale, skipped, started)
@@ -278,9 +306,10 @@ def _resume(parts: Parts, checkpoint: Checkpointer | None) -> int:
 
 def _diverged(parts: Parts, report: Report, step: int, cause: Cause | None,
               row: dict[str, Any], replay: Callable[[], object]) -> dict[str, Any]:
-    """Report the diverged step's row with where it was first seen; the trial ends here."""
+    """Report the diverged step's row with where it was first seen (and, with several
+    workers, by which rank); the trial ends here."""
     assert cause is not None, "a DIVERGED finding always names its cause"
-    where = parts.guard.locate(step, cause, parts.model, replay)
+    where = parts.guard.locate_across(parts.ranks, step, cause, parts.net, replay)
     return parts.stats.finish(report, step, Outcome.DIVERGED, where.row(), row=row)
 
 

@@ -1,6 +1,8 @@
 """The ``tune-sana`` command: each subcommand is a thin call into one module.
 
-User errors print one line to stderr and exit with status 2; tracebacks are for bugs.
+User errors print one line to stderr and exit with status 2; tracebacks are for bugs. A sweep
+stopped by its failure budget (search.max_diverged, engine/budget.py) exits with status 3, its
+finished trials recorded.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
 
 
 def _finish_sweep(run_dir: Path | str) -> int:
+    from tune_sana.engine.budget import EXIT_STATUS, stop_note
     from tune_sana.record.readers import read_trials
 
     table = read_trials(run_dir, ["outcome"])
@@ -73,10 +76,12 @@ def _finish_sweep(run_dir: Path | str) -> int:
     for outcome in table.column(0).to_pylist():
         counts[outcome] = counts.get(outcome, 0) + 1
     summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) or "no finished trials"
-    print(f"tune-sana: sweep done: {summary}", file=sys.stderr)
+    stopped = stop_note(run_dir) is not None
+    verdict = "sweep stopped by its failure budget" if stopped else "sweep done"
+    print(f"tune-sana: {verdict}: {summary}", file=sys.stderr)
     print(f"tune-sana: results in {run_dir}  (next: tune-sana report {run_dir})", file=sys.stderr)
     print(run_dir)
-    return 0
+    return EXIT_STATUS if stopped else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -271,9 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"tune-sana: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tune-sana: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # engine/interrupt.py: the line says how to resume
+        print(f"tune-sana: {str(err) or 'interrupted'}", file=sys.stderr)
+        return int(getattr(err, "code", 130))
 
 
 if __name__ == "__main__":

@@ -374,6 +374,8 @@ class FrontierSearcher(Searcher):
         probe = probe_of(config, result, self._key, errored=error, trial_id=trial_id)
         if (probe.lr, probe.seed) in combo.running:
             combo.running.remove((probe.lr, probe.seed))
+        if any(p.trial_id == trial_id for p in combo.probes):
+            return  # a trial Ray re-ran after a resume, already counted from the record
         combo.probes.append(probe)
         self.write()
 
@@ -406,23 +408,32 @@ class FrontierSearcher(Searcher):
     # resume ------------------------------------------------------------------------------------
 
     def save(self, checkpoint_path: str) -> None:
-        state = {"probes": [[c.id, [asdict(p) for p in c.probes]] for c in self._combos]}
+        state = {"probes": [[c.id, [asdict(p) for p in c.probes]] for c in self._combos],
+                 "issued": {tid: list(issued) for tid, issued in self._issued.items()}}
         with open(checkpoint_path, "w") as fh:  # plain values: JSON, never pickle
             json.dump(state, fh)
 
     def restore(self, checkpoint_path: str) -> None:
         """The saved probes, plus any probe trials.parquet holds that finished after the
-        save; probes that were running are forgotten (Ray resumes their trials, whose results
-        still count when they come, and a probe still needed is proposed again)."""
+        save. Probes that were running stay running: Ray saved its trials in the same
+        checkpoint and resumes them (resume_unfinished), so proposing them again would run
+        each twice; one the record shows finished is counted from the record instead."""
         with open(checkpoint_path) as fh:
             state = json.load(fh)
         saved = {cid: [Probe(**p) for p in probes] for cid, probes in state["probes"]}
-        self._issued = {}
+        self._issued = {tid: (int(i), float(lr), int(seed))
+                        for tid, (i, lr, seed) in state.get("issued", {}).items()}
         for combo in self._combos:
             combo.probes = saved.get(combo.id, [])
             combo.running = []
         if self._run_dir is not None:
             self.merge_recorded()
+        counted = {p.trial_id for combo in self._combos for p in combo.probes}
+        for tid, (index, lr, seed) in list(self._issued.items()):
+            if tid in counted:
+                del self._issued[tid]
+            else:
+                self._combos[index].running.append((lr, seed))
         self.write()
 
     def merge_recorded(self) -> None:

@@ -18,7 +18,7 @@ from tune_sana.data.checkpoints import (
     resolve_folder,
     weights_name,
 )
-from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec, max_t
+from tune_sana.engine.space import TRAINER_CPU, TRIAL_CONFIG_TRIALS, SweepSpec, max_t
 
 if TYPE_CHECKING:
     from tune_sana.training.memory import DataShape
@@ -36,7 +36,15 @@ def candidates(spec: SweepSpec, key: str) -> list[Any]:
 def check_local(spec: SweepSpec) -> None:
     """Checks that need no Ray: checkpoints, variants, datasets, this machine's devices."""
     if spec.trial not in TRIAL_CONFIG_TRIALS:
+        if spec.resources.workers > 1:
+            raise UserError(f"resources.workers {spec.resources.workers}: trial '{spec.trial}' "
+                            "runs on one worker only; set resources.workers 1")
         return
+    if spec.resources.workers > 1 and spec.resources.parallel == "fsdp" and \
+            "came" in candidates(spec, "optimizer"):
+        from tune_sana.training.ranks import FSDP_CAME
+
+        raise UserError(FSDP_CAME)
     from tune_sana.training.demo_base import ensure_demo_base
 
     variants = candidates(spec, "variant")
@@ -156,5 +164,26 @@ def check_cluster(spec: SweepSpec) -> None:
     if spec.resources.cpu > cpus:
         raise UserError(f"resources.cpu {spec.resources.cpu:g} per trial exceeds the cluster's "
                         f"{cpus:g} CPUs: no trial could ever start; lower resources.cpu")
+    _check_workers(spec, cpus, gpus)
+    for name, amount in spec.resources.custom.items():
+        have = float(total.get(name, 0))
+        if amount > have:
+            raise UserError(f"resources.custom.{name} {amount:g} per trial but the Ray cluster "
+                            f"has {have:g}: no trial could ever start; start a node with "
+                            f"ray start --resources '{{\"{name}\": N}}' or drop the key")
     if spec.trial in TRIAL_CONFIG_TRIALS and "cuda" in candidates(spec, "device") and gpus == 0:
         raise UserError("device 'cuda' but the Ray cluster has no GPU; use --set device=cpu")
+
+
+def _check_workers(spec: SweepSpec, cpus: float, gpus: float) -> None:
+    """A multi-worker trial holds all its workers at once (plus the Tune trial that starts
+    them): if they cannot all fit, Ray Train waits for them forever (reference: hpo.md)."""
+    res = spec.resources
+    if res.workers == 1:
+        return
+    need_cpu, need_gpu = res.workers * res.cpu + TRAINER_CPU, res.workers * res.gpu
+    if need_cpu > cpus or need_gpu > gpus:
+        raise UserError(f"resources.workers {res.workers} x (cpu {res.cpu:g}, gpu {res.gpu:g}) "
+                        f"plus {TRAINER_CPU:g} CPU for the trial needs {need_cpu:g} CPUs and "
+                        f"{need_gpu:g} GPUs at once, but the cluster has {cpus:g} and {gpus:g}: "
+                        "lower resources.workers or resources.cpu/gpu (e.g. cpu 0.5)")

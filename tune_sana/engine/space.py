@@ -45,7 +45,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tune_sana.config import (
     TRIAL_KEYS,
@@ -98,6 +105,25 @@ class SearchSpec(_Strict):
                                         "with fresh seeds after the search (off when absent)")
     frontier: FrontierSpec | None = Field(None, description="settings of algorithm frontier "
                                           "(defaults when absent)")
+    max_diverged: int | float | None = Field(
+        None, description="failure budget (off when absent): the search stops early once this "
+        "many trials diverged (a whole number >= 1), or once this share of the finished trials "
+        "diverged (a fraction in (0, 1), applied from 5 finished trials on); finished trials "
+        "are kept and tune-sana sweep exits with status 3 (engine/budget.py)")
+
+    @field_validator("max_diverged", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{value!r} is neither a count >= 1 nor a fraction in (0, 1)")
+        if 0 < value < 1:
+            return float(value)
+        if value >= 1 and float(value).is_integer():
+            return int(value)  # a count (sweep.yaml then writes 3, not 3.0)
+        raise ValueError(f"{value!r} is neither a whole count >= 1 (e.g. 5) nor a fraction in "
+                         "(0, 1) (e.g. 0.8)")
 
 
 class SchedulerSpec(_Strict):
@@ -109,11 +135,26 @@ class SchedulerSpec(_Strict):
     max_t: int | None = Field(None, ge=1, description="default: the trial's steps")
 
 
-class ResourcesSpec(_Strict):
-    """Per trial. Fractional GPUs pack several trials onto one GPU (Ray does not limit memory)."""
+PARALLEL_MODES = ("ddp", "fsdp")
+# What the Tune trial of a multi-worker trial holds for itself: it only starts the trainer and
+# waits (Ray Train's workers hold resources.cpu/gpu/custom each).
+TRAINER_CPU = 0.1
 
+
+class ResourcesSpec(_Strict):
+    """Per trial, or per worker of a multi-worker trial (``workers`` > 1: a Ray Train
+    TorchTrainer inside the Tune trial, engine/workers.py). Fractional GPUs pack several trials
+    onto one GPU (Ray does not limit memory)."""
+
+    workers: int = Field(1, ge=1, le=1024, description="processes per trial (one per GPU)")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="how workers share the model: ddp (replicas) or fsdp (FSDP2 shards, "
+        "for models that do not fit on one device)")
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources per trial (per worker), e.g. "
+        "{worker_node: 1} to place trials on nodes started with --resources")
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="memory of one GPU (GiB) for preflight's fit check; null = "
         "read it from the driver's first GPU (no check where it has none)")

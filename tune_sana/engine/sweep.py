@@ -10,7 +10,6 @@ confirm stage (confirm.py), recorded into the same run.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import sys
@@ -25,8 +24,8 @@ import yaml
 
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.engine import preflight, relay
-from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, TRIALS, SweepSpec, max_t
-from tune_sana.outcomes import Outcome
+from tune_sana.engine.space import TRAINER_CPU, TRIAL_CONFIG_TRIALS, SweepSpec, max_t
+from tune_sana.engine.trialrun import error_row, load_trial
 from tune_sana.record.readers import read_spec
 from tune_sana.record.schema import SPEC_FILE
 from tune_sana.record.storage import Location, is_uri
@@ -51,21 +50,28 @@ class SweepOptions:
     connect_timeout_s: float = 30.0
 
 
-def load_trial(name: str) -> Callable[..., Any]:
-    """The trial program's ``run(config, report[, checkpoint=])``, by the name a space gives."""
-    module_name, _, func = TRIALS[name].partition(":")
-    run: Callable[..., Any] = getattr(importlib.import_module(module_name), func)
-    return run
-
-
 def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpus: float,
-               metric: str, report_every_s: float) -> None:
-    """Runs in a Tune trial: one trial program call, its rows relayed to Ray in batches."""
+               metric: str, report_every_s: float, shipped: dict[str, Any] | None = None,
+               workers: dict[str, Any] | None = None) -> None:
+    """Runs in a Tune trial: one trial program call, its rows relayed to Ray in batches.
+    ``shipped``: driver folders sent through the object store (engine/shipping.py).
+    ``workers``: a multi-worker trial's Ray Train settings (engine/workers.py)."""
+    import ray
     from ray import tune
 
     from tune_sana.engine.stopping import sanitize
 
     values = {**fixed, **config}
+    if workers:  # each worker localizes shipped folders on its own node
+        from tune_sana.engine.workers import run_workers
+
+        run_workers(values, trial=trial, metric=metric, shipped=shipped, **workers)
+        return
+    if shipped:
+        from tune_sana.engine.shipping import localize
+
+        values = localize(values, shipped)  # data and model: copies on this trial's node
+    node = ray.get_runtime_context().get_node_id()  # trials.parquet's node column
     if trial in TRIAL_CONFIG_TRIALS:
         import torch
 
@@ -73,7 +79,7 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpu
     run = load_trial(trial)
 
     def send(result: dict[str, Any], checkpoint: Any) -> None:
-        tune.report(result, checkpoint=checkpoint)
+        tune.report({**result, "node": node}, checkpoint=checkpoint)
 
     outbox = relay.RowRelay(send, metric, every_s=report_every_s)
     checkpointer = _RayCheckpointer()
@@ -123,20 +129,6 @@ class _RayCheckpointer:
         return pending
 
 
-def error_row(err: BaseException, step: int | None) -> dict[str, Any]:
-    """The final row of a trial that raised: outcome error, the message in one line."""
-    text = f"{type(err).__name__}: {err}".strip().splitlines()
-    message = text[0] if text else type(err).__name__
-    if isinstance(err, MemoryError) or "out of memory" in message.lower() or \
-            "can't allocate memory" in message:
-        message = f"out of memory: {message}"
-    row: dict[str, Any] = {"outcome": Outcome.ERROR.value, "error": message[:2000]}
-    if step is not None:
-        row["step"] = step
-        row["steps_run"] = step
-    return row
-
-
 # --- paths ----------------------------------------------------------------------------------
 
 def storage_root(storage: str) -> str:
@@ -176,11 +168,34 @@ def _latest_run(root: str | os.PathLike[str] | Location, prefix: str) -> Path | 
     return max(runs, key=mtime).public()
 
 
+_NOT_IN_NAMES = frozenset("/\\%#?")  # separators, and what a URI decodes or cuts (%2e%2e: ..)
+
+
+def check_run_name(name: str, what: str = "--name", uri: bool = False) -> str:
+    """A run name becomes a folder: one path component, never a way out of the storage folder.
+    Not empty, not starting with '.', no separator, control character, %, # or ? (a URI decodes
+    %2e%2e to .., and # or ? end its path); on a URI (``uri``) no whitespace either."""
+    odd = [c for c in name
+           if c in _NOT_IN_NAMES or not c.isprintable() or (uri and c.isspace())]
+    if not name or name.startswith(".") or odd or len(name.encode()) > 255:
+        spaces = " or spaces on a URI" if uri else ""
+        raise UserError(f"{what} {name!r}: a run name must be one folder name (not empty, not "
+                        f"starting with '.', no / \\ % # ?{spaces}, at most 255 bytes); "
+                        "e.g. --name lr-sweep-2")
+    return name
+
+
 def run_dir_for(spec_name: str, options: SweepOptions) -> Path | str:
     """The run directory: <storage>/<name>; on --resume without a name, the newest run of
-    this space under storage. A Path for a local folder, the URI string for a URI."""
+    this space under storage. A Path for a local folder, the URI string for a URI. A name that
+    is not one folder name (check_run_name) is a UserError before anything is created."""
+    uri = is_uri(options.storage)
+    if options.name is not None:
+        check_run_name(options.name, uri=uri)
+    elif not options.resume:
+        check_run_name(spec_name, "the space file's name", uri=uri)
     root = Location.of(storage_root(options.storage))
-    if options.name:
+    if options.name is not None:
         return (root / options.name).public()
     if options.resume:
         latest = _latest_run(root, spec_name)
@@ -317,20 +332,73 @@ def _trainable_for(spec: SweepSpec, options: SweepOptions) -> Any:
     return tune.with_resources(
         tune.with_parameters(_trainable, fixed=dict(spec.fixed), trial=spec.trial,
                              cpus=spec.resources.cpu, metric=spec.metric,
-                             report_every_s=options.report_every_s),
-        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+                             report_every_s=options.report_every_s,
+                             shipped=_shipped(spec, options), workers=_workers(spec)),
+        _trial_resources(spec),
     )
 
 
-def _run_config(spec: SweepSpec, experiment: Location, recorder: Any) -> Any:
-    """Where a stage's Ray experiment goes, and how its trials stop, fail and checkpoint."""
-    from ray import tune
+def _trial_resources(spec: SweepSpec) -> dict[str, float]:
+    res = spec.resources
+    if res.workers > 1:
+        return {"cpu": TRAINER_CPU}
+    return {"cpu": res.cpu, "gpu": res.gpu, **res.custom}
 
+
+def _workers(spec: SweepSpec) -> dict[str, Any] | None:
+    """Ray Train settings of a multi-worker trial (None: one worker, in the Tune trial)."""
+    res = spec.resources
+    if res.workers == 1:
+        return None
+    return {"workers": res.workers, "parallel": res.parallel, "cpu": res.cpu, "gpu": res.gpu,
+            "custom": dict(res.custom), "max_retries": spec.max_retries}
+
+
+def _joins_cluster(options: SweepOptions) -> bool:
+    """The sweep joins a Ray cluster (its trials may run on nodes that cannot see this one's
+    disk), rather than starting the embedded single-machine Ray."""
+    return bool(options.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _shipped(spec: SweepSpec, options: SweepOptions) -> dict[str, Any] | None:
+    """On a cluster, the driver folders trials read (data, a local model), put into Ray's object
+    store for trials on any node (engine/shipping.py); None on the embedded Ray."""
+    if not _joins_cluster(options):
+        return None
+    from tune_sana.engine import shipping
+
+    return shipping.ship(spec, say=_say) or None
+
+
+def _storage_filesystem(run_dir: str | os.PathLike[str], options: SweepOptions) -> Any:
+    """Ray's storage filesystem for a run: None (Ray resolves the path itself: the embedded
+    Ray's local folder, or a URI every node reaches) or, on a cluster with a local run
+    directory, the driver's disk served to every node through an actor (engine/driverfs.py)."""
+    if not _joins_cluster(options) or not Location.of(run_dir).is_local:
+        return None
+    from tune_sana.engine import driverfs
+
+    return driverfs.storage_filesystem(run_dir)
+
+
+def _run_config(spec: SweepSpec, experiment: Location, recorder: Any,
+                budget: Any = None, filesystem: Any = None) -> Any:
+    """Where a stage's Ray experiment goes, and how its trials stop, fail and checkpoint;
+    ``budget`` (engine/budget.py) is both a stopper and a callback; ``filesystem``: Ray's
+    storage filesystem (_storage_filesystem)."""
+    from ray import tune
+    from ray.tune.stopper import CombinedStopper
+
+    from tune_sana.engine.interrupt import StopTune
     from tune_sana.engine.stopping import DivergenceStopper
 
+    stop: Any = DivergenceStopper()
+    if budget is not None:
+        stop = CombinedStopper(stop, budget)
     return tune.RunConfig(
-        name=experiment.name, storage_path=experiment.parent.text, stop=DivergenceStopper(),
-        callbacks=[recorder], verbose=0,
+        name=experiment.name, storage_path=experiment.parent.text, stop=stop,
+        storage_filesystem=filesystem,
+        callbacks=[recorder, StopTune(), *([] if budget is None else [budget])], verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
@@ -343,14 +411,19 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from tune_sana.engine import study
+    from tune_sana.engine.budget import failure_budget
     from tune_sana.engine.recorder import ResultsRecorder
     from tune_sana.engine.search import build_searcher
 
     trainable = _trainable_for(spec, options)
     location = Location.of(run_dir)
+    filesystem = _storage_filesystem(run_dir, options)
     if restore:
+        if spec.search.algorithm == "optuna":
+            study.journal_path(run_dir)  # a URI run's study, fetched if no local copy has it
         return tune.Tuner.restore(location.text, trainable, resume_unfinished=True,
-                                  resume_errored=True)
+                                  resume_errored=True, storage_filesystem=filesystem)
     searcher, param_space = build_searcher(spec, str(run_dir))
     if spec.search.algorithm in ("optuna", "frontier"):
         # Limit concurrency in the searcher itself: Tuner.restore keeps the searcher, but drops
@@ -373,7 +446,8 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
             metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=scheduler,
             num_samples=spec.search.num_samples, reuse_actors=True,
         ),
-        run_config=_run_config(spec, location, recorder),
+        run_config=_run_config(spec, location, recorder, failure_budget(spec, run_dir),
+                               filesystem=filesystem),
     )
 
 
@@ -400,9 +474,10 @@ def build_confirm_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str],
 
     trainable = _trainable_for(spec, options)
     experiment = Location.of(run_dir) / confirm.FOLDER
+    filesystem = _storage_filesystem(run_dir, options)
     if replicas is None:
         return tune.Tuner.restore(experiment.text, trainable, resume_unfinished=True,
-                                  resume_errored=True)
+                                  resume_errored=True, storage_filesystem=filesystem)
     searcher = ConcurrencyLimiter(confirm.ReplicaSearcher(replicas, spec.metric, spec.mode),
                                   max_concurrent=spec.search.max_concurrent)
     # resume: the record already holds the search; confirm trials are appended to it.
@@ -416,7 +491,7 @@ def build_confirm_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str],
             metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=FIFOScheduler(),
             num_samples=len(replicas), reuse_actors=True,
         ),
-        run_config=_run_config(spec, experiment, recorder),
+        run_config=_run_config(spec, experiment, recorder, filesystem=filesystem),
     )
 
 
@@ -485,9 +560,18 @@ def encode_once(spec: SweepSpec) -> SweepSpec:
 
 def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Path | str:
     """Run (or resume) the sweep; returns the run directory holding the Parquet record (a Path
-    for local storage, the URI string for a URI)."""
+    for local storage, the URI string for a URI). One sweep at a time writes a run directory
+    (engine/runlock.py); Ctrl-C stops it cleanly and says how to resume (engine/interrupt.py)."""
+    from tune_sana.engine import runlock
+
     spec = encode_once(spec)  # sweep.yaml then names the encoded folder every trial reads
     run_dir = run_dir_for(spec_name, options)
+    with runlock.hold(run_dir):
+        return _run_held(spec, options, run_dir)
+
+
+def _run_held(spec: SweepSpec, options: SweepOptions, run_dir: Path | str) -> Path | str:
+    """run() while this process holds the run directory's lock."""
     if options.resume:
         check_resumable(run_dir, spec)
     elif Location.of(run_dir).entries(hidden=True):
@@ -497,6 +581,16 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
     preflight.check_local(spec)  # also builds the demo base once, if a trial uses it
     init_ray(options)
     preflight.check_cluster(spec)
+    from tune_sana.engine import interrupt
+
+    with interrupt.SignalStop(run_dir, options) as stop:  # after ray.init sets its SIGTERM one
+        return _run_recorded(spec, options, run_dir, stop)
+
+
+def _run_recorded(spec: SweepSpec, options: SweepOptions, run_dir: Path | str,
+                  stop: Any) -> Path | str:
+    """The sweep writing its run: the spec, the search, the confirm stage. ``stop``
+    (interrupt.SignalStop): a signal ends Tune's loop quietly, so it is checked around fit."""
     if not options.resume:
         write_spec(run_dir, spec)
 
@@ -505,8 +599,15 @@ def run(spec: SweepSpec, options: SweepOptions, spec_name: str = "sweep") -> Pat
     restore = options.resume and bool(
         Location.of(run_dir).entries(prefix="experiment_state-", suffix=".json", dirs=False))
     tuner = build_tuner(spec, run_dir, options, restore=restore)
+    stop.check()
     tuner.fit()
-    run_confirm(spec, run_dir, options)
+    stop.check()
+    from tune_sana.engine import budget, study
+
+    stopped = budget.stop_note(run_dir)  # the failure budget ended the search early
+    study.close(spec, run_dir, stopped)  # the Optuna study: no trial RUNNING once it is over
+    if stopped is None:
+        run_confirm(spec, run_dir, options)
     if spec.search.algorithm == "frontier":
         _say_frontier(spec, run_dir)
     return run_dir

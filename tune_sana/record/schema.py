@@ -29,6 +29,8 @@ from tune_sana.config import TrialConfig
 #    frontier.parquet.
 #    + trials damaged_at_load, native_base_val_loss (step-0 val, native precision); collapsed.
 #    + trials peak_memory_kind: what peak_memory_mb measured (cuda_max_allocated, cpu_peak_rss).
+#    + trials workers (processes of a multi-worker trial) and nonfinite_rank (which saw it).
+#    + trials node: the Ray node id of the trial's (last) attempt.
 SCHEMA_VERSION = 3
 TRIALS_FILE = "trials.parquet"
 FRONTIER_FILE = "frontier.parquet"
@@ -57,6 +59,7 @@ SUMMARY_FIELDS: list[pa.Field] = [
     pa.field("nonfinite_at", pa.string()),
     pa.field("nonfinite_module", pa.string()),
     pa.field("max_abs_activation", pa.float64()),
+    pa.field("nonfinite_rank", pa.int64()),  # multi-worker trials: the rank that saw it first
     pa.field("best_val_loss", pa.float64()),
     pa.field("final_val_loss", pa.float64()),
     pa.field("base_val_loss", pa.float64()),
@@ -69,8 +72,10 @@ SUMMARY_FIELDS: list[pa.Field] = [
     pa.field("steps_per_s", pa.float64()),
     pa.field("peak_memory_mb", pa.float64()),
     pa.field("ran_on", pa.string()),
+    pa.field("node", pa.string()),  # the Ray node id its (last) attempt ran on
     pa.field("pairing", pa.string()),
     pa.field("n_params", pa.int64()),
+    pa.field("workers", pa.int64()),
     pa.field("error", pa.string()),
     pa.field("retries", pa.int64()),
     pa.field("damaged_at_load", pa.bool_()),

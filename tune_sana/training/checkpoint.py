@@ -4,6 +4,11 @@ A trial program stays free of Ray: it is handed a ``Checkpointer`` (or None) and
 ``restore()`` once at setup and ``save(write)`` every ``checkpoint_every`` steps. The engine's
 checkpointer hands the folder to Ray Tune; any other one may keep it on a local disk.
 
+With several workers (training/ranks.py) rank 0 writes the folder and every rank reads it back:
+replicas (ddp) hold the same weights and optimizer state; shards (fsdp) are gathered into full
+state dicts first (a collective every rank joins) and each rank takes its shard on load.
+Samplers, generators and counters are the same on every rank.
+
 Weights are written as safetensors; the rest (optimizer, scheduler, scaler, generator states and
 small counters) with ``torch.save`` and read back with ``weights_only=True``: no pickle runs.
 """
@@ -17,7 +22,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from tune_sana.training.ranks import Ranks
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -67,13 +74,17 @@ class TrainState:
     noise_gen: torch.Generator
     guard: Any
     stats: Any
+    ranks: Ranks = Ranks()
 
     def write(self, folder: Path, next_step: int) -> None:
-        save_model(self.model, str(folder / MODEL_FILE))
+        """Fill ``folder`` (rank 0; the other ranks only join the gathering of shards)."""
+        optimizer = self._write_weights(folder)
+        if self.ranks.rank != 0:
+            return
         torch.save(
             {
                 "next_step": next_step,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "batches": self.batches.state_dict(),
@@ -86,9 +97,8 @@ class TrainState:
 
     def read(self, folder: Path) -> int:
         """Load a checkpoint folder into this state; returns the step to continue from."""
-        load_model(self.model, str(folder / MODEL_FILE))
         saved = torch.load(folder / STATE_FILE, weights_only=True, map_location="cpu")
-        self.optimizer.load_state_dict(saved["optimizer"])
+        self._read_weights(folder, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
         self.batches.load_state_dict(saved["batches"])
@@ -96,3 +106,38 @@ class TrainState:
         self.guard.load_state_dict(saved["guard"])
         self.stats.load_state_dict(saved["stats"])
         return int(saved["next_step"])
+
+    def _write_weights(self, folder: Path) -> Any:
+        """Write the weights (rank 0); return the optimizer's state dict to save with them."""
+        if not self.ranks.sharded:
+            if self.ranks.rank == 0:
+                save_model(self.model, str(folder / MODEL_FILE))
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights: dict[str, Any] = get_model_state_dict(self.model, options=full)  # on rank 0
+        optimizer = get_optimizer_state_dict(self.model, self.optimizer, options=full)
+        if self.ranks.rank == 0:
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / MODEL_FILE))
+        return optimizer
+
+    def _read_weights(self, folder: Path, optimizer: Any) -> None:
+        if not self.ranks.sharded:
+            load_model(self.model, str(folder / MODEL_FILE))
+            self.optimizer.load_state_dict(optimizer)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True)  # every rank read the whole file
+        weights: Any = load_file(str(folder / MODEL_FILE))
+        set_model_state_dict(self.model, weights, options=full)
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=full)

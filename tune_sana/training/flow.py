@@ -42,6 +42,11 @@ class FlowBatch:
         return FlowBatch(*(t.to(device, non_blocking=True) for t in
                            (self.x0, self.noise, self.sigmas, self.text, self.mask)))
 
+    def slice(self, start: int, stop: int) -> FlowBatch:
+        """Samples [start, stop) (views, no copy): one rank's shard of a global batch."""
+        return FlowBatch(*(t[start:stop] for t in
+                           (self.x0, self.noise, self.sigmas, self.text, self.mask)))
+
     def split(self, size: int) -> list[FlowBatch]:
         """Micro-batches of ``size`` samples in order (the last may be smaller); views, no copy."""
         parts = [t.split(size) for t in (self.x0, self.noise, self.sigmas, self.text, self.mask)]

@@ -19,6 +19,7 @@ from tune_sana.outcomes import Cause, Outcome, clean
 from tune_sana.training import diagnose, health
 from tune_sana.training.damage import CollapseWatch
 from tune_sana.training.health import Finding, Verdict
+from tune_sana.training.ranks import Ranks, local
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -28,25 +29,39 @@ def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return cast(torch.Tensor, torch.linalg.vector_norm(torch.stack(norms)))
 
 
-def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+def _norm_over(tensors: list[torch.Tensor], ranks: Ranks | None) -> torch.Tensor:
+    """The L2 norm of all of ``tensors``; under FSDP, of every rank's shards together."""
+    if ranks is None or not ranks.sharded:
+        return _total_norm(tensors)
+    squares = _total_norm([local(t) for t in tensors]).square()
+    return ranks.sum_squares(squares).sqrt()
+
+
+def grad_norm(params: list[torch.nn.Parameter], max_norm: float | None,
+              ranks: Ranks | None = None) -> torch.Tensor:
     """Total L2 norm of the gradients before clipping (fp32, 0-dim); clips if max_norm is set.
 
     A NaN/inf norm leaves the gradients untouched (clipping would multiply every gradient by
     NaN, and diagnose could no longer name the parameter whose gradient went bad first).
     """
     grads = [p.grad for p in params if p.grad is not None]
-    total = _total_norm(grads)
+    total = _norm_over(grads, ranks)
     if max_norm is not None:
         # scale = min(1, max_norm / norm); a norm of 0 in its place gives scale 1 (no sync here)
         safe = torch.where(torch.isfinite(total), total, torch.zeros_like(total))
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, safe, foreach=True)
+        if ranks is not None and ranks.sharded:  # each shard scaled in place, by the total
+            scale = torch.clamp(max_norm / (safe + 1e-6), max=1.0)
+            for g in grads:
+                local(g).mul_(scale.to(g.dtype))
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, safe, foreach=True)
     return total
 
 
 @torch.no_grad()  # cheaper than a .detach() per parameter, every step
-def param_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+def param_norm(params: list[torch.nn.Parameter], ranks: Ranks | None = None) -> torch.Tensor:
     """Total L2 norm of the parameters in fp32 (NaN/inf only if some weight is not finite)."""
-    return _total_norm(list(params))
+    return _norm_over(list(params), ranks)
 
 
 @dataclass
@@ -58,6 +73,7 @@ class Divergence:
     nonfinite_at: str
     nonfinite_module: str | None
     max_abs_activation: float | None
+    rank: int | None = None  # the worker that saw it (multi-worker trials only)
 
     def row(self) -> dict[str, Any]:
         return {
@@ -67,6 +83,7 @@ class Divergence:
             "nonfinite_at": self.nonfinite_at,
             "nonfinite_module": self.nonfinite_module,
             "max_abs_activation": clean(self.max_abs_activation),
+            "nonfinite_rank": self.rank,
         }
 
 
@@ -87,6 +104,7 @@ class Guard:
         self.skips = health.SkipBudget(budget)
         self.skipped_steps = 0
         self.collapse = CollapseWatch(config.collapse_factor, config.collapse_patience)
+        self.flagged: list[int] = []  # ranks whose own loss was not finite at the last check
 
     def state_dict(self) -> dict[str, Any]:
         return {"level": self.spikes.level, "seen": self.spikes.seen, "used": self.skips.used,
@@ -100,9 +118,13 @@ class Guard:
         self.skipped_steps = int(state["skipped_steps"])
         self.collapse.load_state_dict(state.get("collapse", {}))  # none before collapse existed
 
-    def before_step(self, loss: torch.Tensor, gnorm: torch.Tensor) -> tuple[Finding, float, float]:
-        """Check loss and grad norm (one sync). Returns the finding and both as floats."""
-        loss_f, gnorm_f = torch.stack([loss.detach().float(), gnorm.float()]).tolist()
+    def before_step(self, loss: torch.Tensor, gnorm: torch.Tensor,
+                    ranks: Ranks | None = None) -> tuple[Finding, float, float]:
+        """Check loss and grad norm (one sync; with several workers, agreed in one all-reduce:
+        the mean loss, so every rank reaches the same verdict). Returns the finding and both
+        as floats; ``flagged`` keeps the ranks whose own loss was not finite."""
+        loss_f, gnorm_f, *flags = (ranks or Ranks()).agree(loss, gnorm).tolist()
+        self.flagged = [rank for rank, flag in enumerate(flags) if flag > 0]
         finding = health.pre_step(loss_f, gnorm_f, scaler_handles_grads=self.scaler_enabled)
         if finding.verdict is Verdict.SKIP:
             self.skipped_steps += 1  # GradScaler's own skip: watched through the loss scale
@@ -131,6 +153,22 @@ class Guard:
         if finding.ok:
             finding = health.loss_scale(scale_f, self.min_loss_scale)
         return finding, backed_off
+
+    def locate_across(self, ranks: Ranks, step: int, cause: Cause, model: nn.Module,
+                      replay: Callable[[], object]) -> Divergence:
+        """``locate`` on every rank (each replays its own batch), then the same answer on all:
+        the lowest rank whose own loss went non-finite, else the lowest that found a module,
+        else rank 0. With one worker, ``locate`` itself (no rank named)."""
+        where = self.locate(step, cause, model, replay)
+        if not ranks.distributed:
+            return where
+        found: list[Divergence] = ranks.gather(where)
+        order = self.flagged + [r for r in range(ranks.world)
+                                if found[r].nonfinite_module is not None]
+        rank = order[0] if order else 0
+        chosen = found[rank]
+        chosen.rank = rank
+        return chosen
 
     @staticmethod
     def locate(step: int, cause: Cause, model: nn.Module,

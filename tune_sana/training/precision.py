@@ -94,8 +94,15 @@ def autocast(
     return torch.autocast(device_type=device.type, dtype=policy.autocast_dtype)
 
 
-def grad_scaler(policy: PrecisionPolicy, device: torch.device) -> torch.amp.GradScaler:
-    """A real dynamic GradScaler for fp16-amp; a disabled one (a pass-through) otherwise."""
+def grad_scaler(policy: PrecisionPolicy, device: torch.device,
+                sharded: bool = False) -> torch.amp.GradScaler:
+    """A real dynamic GradScaler for fp16-amp; a disabled one (a pass-through) otherwise.
+    ``sharded`` (FSDP): the scaler that agrees across ranks whether any shard held an inf, so
+    every rank backs off together."""
+    if sharded and policy.loss_scaling:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=True)
     return torch.amp.GradScaler(device.type, enabled=policy.loss_scaling)
 
 

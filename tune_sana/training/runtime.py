@@ -51,7 +51,7 @@ class RunStats:
     timing, skips. Steps count optimizer updates; the base (step 0) never counts as best."""
 
     def __init__(self, config: TrialConfig, policy: PrecisionPolicy, device: torch.device,
-                 n_params: int) -> None:
+                 n_params: int, workers: int = 1) -> None:
         self.started = time.perf_counter()
         self.best_val: float | None = None
         self.final_val: float | None = None
@@ -66,6 +66,7 @@ class RunStats:
             "ran_on": str(device),
             "pairing": pairing(policy.mode, config.variant),
             "n_params": n_params,
+            "workers": workers,
         }
         self.device = device
 
@@ -118,6 +119,7 @@ class RunStats:
             "nonfinite_at": None,
             "nonfinite_module": None,
             "max_abs_activation": None,
+            "nonfinite_rank": None,
             **extra,
             "steps_run": self.steps_done,
             "skipped_steps": self.skipped,
