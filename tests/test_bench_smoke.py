@@ -36,6 +36,8 @@ TINY: dict[str, list[str]] = {
                       "--concurrency", "1"],
     "demo_finetune": ["--model", "sana-tiny", "--steps", "4", "--lrs", "1e-3,1e-2",
                       "--seeds", "0,1", "--draws-seeds", "3"],
+    "rank_agreement": ["--model", "sana-tiny", "--rounds", "1", "--steps", "4",
+                       "--skip-startup"],
 }
 FIELDS: dict[str, set[str]] = {
     "trial_overhead": {"worst_ratio", "worst_cpu_ratio", "modes", "target_met"},
@@ -50,6 +52,7 @@ FIELDS: dict[str, set[str]] = {
                       "target_met"},
     "demo_finetune": {"base_val_loss", "improvement", "seed_spread", "separation",
                       "low_lr_share", "high_lr_forgets_or_diverges", "val_draws", "targets"},
+    "rank_agreement": {"agreement", "target_met"},
 }
 
 

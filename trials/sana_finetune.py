@@ -256,7 +256,7 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
         gnorm = grad_norm(p.params, config.max_grad_norm, p.ranks)
 
         # sync 1: loss and grad norm, agreed across ranks (one all-reduce with several workers)
-        finding, loss_f, gnorm_f = p.guard.before_step(loss, gnorm, p.ranks)
+        finding, loss_f, gnorm_f = p.guard.before_step(loss, gnorm, p.ranks.agree(loss))
         if finding.verdict is Verdict.DIVERGED:
             row = _row(step, loss_f, gnorm_f, lr, p.guard.loss_scale, True, started)
             return _diverged(p, report, step, finding.cause, row,

@@ -52,8 +52,8 @@ class RankCheckpointer:
 
 
 def _rank_main(rank: int, world: int, port: int, values: dict[str, Any], parallel: str,
-               fault: str | None, out: str, agree: bool, checkpoint_dir: str | None,
-               retry: bool) -> None:
+               fault: str | None, out: str, agree: bool | list[bool],
+               checkpoint_dir: str | None, retry: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -69,11 +69,21 @@ def _rank_main(rank: int, world: int, port: int, values: dict[str, Any], paralle
 
             def on_model(model: torch.nn.Module) -> None:
                 inject(model, rank)
+        config = build_config(values, "test")
+        if isinstance(agree, list):  # a series of runs in these same processes (the benchmark)
+            series = []
+            for each in agree:
+                rows = []
+                each_ranks = Ranks.current(parallel)
+                sana_finetune.run(config, rows.append,
+                                  ranks=each_ranks if each else _without_agreement(each_ranks))
+                series.append(rows)
+            torch.save(series, Path(out) / f"rank{rank}.pt")
+            return
         ranks = Ranks.current(parallel)
         if not agree:
             ranks = _without_agreement(ranks)
         checkpoint = RankCheckpointer(checkpoint_dir, rank) if checkpoint_dir else None
-        config = build_config(values, "test")
         try:
             sana_finetune.run(config, rows.append, on_model=on_model, checkpoint=checkpoint,
                               ranks=ranks)
@@ -93,18 +103,20 @@ def _without_agreement(ranks: Any) -> Any:
     from tune_sana.training.ranks import Ranks
 
     class Unagreed(Ranks):
-        def agree(self, loss: torch.Tensor, gnorm: torch.Tensor) -> torch.Tensor:
-            return Ranks().agree(loss, gnorm)
+        def agree(self, loss: torch.Tensor) -> torch.Tensor:
+            return Ranks().agree(loss)
 
     return Unagreed(ranks.rank, ranks.world, ranks.parallel, ranks.device)
 
 
 def run_ranks(values: dict[str, Any], world: int = 2, parallel: str = "ddp",
-              fault: str | None = None, agree: bool = True,
+              fault: str | None = None, agree: bool | list[bool] = True,
               checkpoint_dir: str | None = None, retry: bool = False
               ) -> list[list[dict[str, Any]]]:
     """Each rank's reported rows, in rank order (the trial's values as a trial config). A
-    rank that raises raises here (torch.multiprocessing.ProcessRaisedException)."""
+    rank that raises raises here (torch.multiprocessing.ProcessRaisedException). ``agree`` a
+    list: the trial runs once per entry in the same processes, with or without agreement, and
+    each rank's entry is the list of those runs' rows."""
     with tempfile.TemporaryDirectory(prefix="tune-sana-ranks-") as out:
         start_processes(_rank_main, args=(world, _free_port(), values, parallel, fault, out,
                                              agree, checkpoint_dir, retry),

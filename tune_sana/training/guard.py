@@ -119,11 +119,14 @@ class Guard:
         self.collapse.load_state_dict(state.get("collapse", {}))  # none before collapse existed
 
     def before_step(self, loss: torch.Tensor, gnorm: torch.Tensor,
-                    ranks: Ranks | None = None) -> tuple[Finding, float, float]:
-        """Check loss and grad norm (one sync; with several workers, agreed in one all-reduce:
-        the mean loss, so every rank reaches the same verdict). Returns the finding and both
-        as floats; ``flagged`` keeps the ranks whose own loss was not finite."""
-        loss_f, gnorm_f, *flags = (ranks or Ranks()).agree(loss, gnorm).tolist()
+                    agreed: torch.Tensor | None = None) -> tuple[Finding, float, float]:
+        """Check loss and grad norm (one sync). With several workers ``agreed`` is
+        Ranks.agree's [mean loss, flag per rank], so every rank reaches the same verdict.
+        Returns the finding and both as floats; ``flagged`` keeps the ranks whose own loss
+        was not finite."""
+        agreed = Ranks().agree(loss) if agreed is None else agreed
+        loss_f, gnorm_f, *flags = torch.cat([agreed[:1], gnorm.detach().float().reshape(1),
+                                             agreed[1:]]).tolist()
         self.flagged = [rank for rank, flag in enumerate(flags) if flag > 0]
         finding = health.pre_step(loss_f, gnorm_f, scaler_handles_grads=self.scaler_enabled)
         if finding.verdict is Verdict.SKIP:

@@ -8,12 +8,12 @@ same code and pays nothing. With several:
 - **Data.** Every rank draws the same global batch (``world`` x its own share, same generator,
   same noise) and keeps its contiguous shard, so N workers at batch b see exactly the samples,
   noise and timesteps of one worker at batch N x b.
-- **Agreement.** The pre-step check (loss, grad norm) is all-reduced once per step with one flag
-  per rank saying whose local loss was not finite: every rank reaches the same verdict at the
-  same step (health.py), and the record names the rank that saw it first. Under ``ddp`` the
-  parameter norm and loss scale need no agreement: every replica applies the same averaged
-  gradient, so they are equal on every rank. Under ``fsdp`` the norms are sums over shards, so
-  they are reduced as part of computing them.
+- **Agreement.** The step's loss is all-reduced once per step, with one flag per rank saying
+  whose local loss was not finite, just before the pre-step check: every rank reaches the same
+  verdict at the same step (health.py), and the record names the rank that saw it first.
+  Under ``ddp`` the grad norm, parameter norm and loss scale need no agreement: every replica
+  applies the same averaged gradient, so they are equal on every rank. Under ``fsdp`` the
+  norms are sums over shards, so they are reduced as part of computing them.
 - **Validation.** Every rank evaluates the whole fixed validation set on its full model (``ddp``:
   the unwrapped replica, no collective; ``fsdp``: all ranks together, parameters gathered), so
   the number is the one a single worker computes for the same weights.
@@ -110,18 +110,20 @@ class Ranks:
 
     # --- agreement -----------------------------------------------------------------------------
 
-    def agree(self, loss: torch.Tensor, gnorm: torch.Tensor) -> torch.Tensor:
-        """[mean loss, grad norm, flag per rank] summed over ranks (one all-reduce); with one
-        worker, [loss, grad norm, flag]. A rank's flag is 1 when its local loss is not finite;
-        a non-finite loss anywhere makes the mean non-finite everywhere."""
+    def agree(self, loss: torch.Tensor) -> torch.Tensor:
+        """[mean loss, flag per rank] summed over ranks (one all-reduce of a few floats, no host
+        sync); with one worker, [loss, flag]. A rank's flag is 1 when its own loss is not
+        finite; a non-finite loss anywhere makes the mean non-finite everywhere. The grad norm
+        needs no agreement: replicas compute it from the same averaged gradient, and under
+        fsdp it is a sum over shards already. (Started asynchronously after the last forward,
+        to overlap the backward, it measured slower on a loaded 2-core box: bench/
+        rank_agreement.py.)"""
         loss = loss.detach().float().reshape(1)
-        gnorm = gnorm.detach().float().reshape(1)
         flags = torch.zeros(self.world, device=loss.device)
         flags[self.rank] = (~torch.isfinite(loss)).float().squeeze()
         if not self.distributed:
-            return torch.cat([loss, gnorm, flags])
-        share = gnorm if self.sharded else gnorm / self.world  # replicas hold the same norm
-        vector = torch.cat([loss / self.world, share, flags])
+            return torch.cat([loss, flags])
+        vector = torch.cat([loss / self.world, flags])
         dist.all_reduce(vector)
         return vector
 
