@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tune_sana.config import (
     DEMO_BASE,
@@ -25,6 +25,14 @@ from tune_sana.engine import relay, sweep
 from tune_sana.outcomes import Outcome
 
 Command = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors (an unknown flag, a value of the wrong type) as one line like every
+    other user error, naming the --help that lists the options."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tune-sana: error: {message}; see {self.prog} --help\n")
 
 
 def cmd_trial(args: argparse.Namespace) -> int:
@@ -47,9 +55,35 @@ def cmd_trial(args: argparse.Namespace) -> int:
                                        Outcome.COLLAPSED) else 1
 
 
+def _check_out(out: str | None, flag: str = "--out") -> None:
+    """An output folder this user can make, checked before the work that fills it: its nearest
+    existing ancestor is a folder where a temporary folder can be made (and is removed)."""
+    if out is None:
+        return
+    import tempfile
+
+    target = Path(out).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {out}: a file is there; choose a folder")
+    ancestor = target
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+        Path(tempfile.mkdtemp(prefix=".tune-sana-write-test-", dir=ancestor)).rmdir()
+    except OSError as err:
+        raise UserError(f"{flag} {out}: cannot write there ({err.strerror} at {ancestor}); "
+                        "choose a folder you can write to") from None
+
+
 def cmd_make_base(args: argparse.Namespace) -> int:
     from tune_sana.training.demo_base import make_base
 
+    if args.steps < 1:
+        raise UserError(f"--steps {args.steps}: the base needs at least 1 pretraining step "
+                        "(default 1500)")
+    _check_out(args.out)
     folder = make_base(Path(args.out) if args.out else None, steps=args.steps, force=args.force)
     print(folder)
     return 0
@@ -60,6 +94,10 @@ def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
                         ("--report-every", args.report_every)):
         if not value >= 0:
             raise UserError(f"{flag} {value:g}: must be 0 or more seconds")
+    for flag, count, least in (("--num-cpus", args.num_cpus, 1), ("--num-gpus", args.num_gpus, 0)):
+        if count is not None and count < least:
+            raise UserError(f"{flag} {count}: must be at least {least} (what the embedded Ray "
+                            "may use of this machine)")
     return sweep.SweepOptions(
         name=args.name, storage=args.storage, address=args.address, resume=resume,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,
@@ -112,9 +150,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from tune_sana.analysis.report import report
+    from tune_sana.record.readers import skipping_corrupt
 
-    print(report(args.run_dirs, top=args.top, plots_dir=args.plots, html_file=args.html),
-          end="")
+    with skipping_corrupt(args.skip_corrupt) as skipped:
+        text = report(args.run_dirs, top=args.top, plots_dir=args.plots, html_file=args.html)
+    print(text, end="")
+    if skipped:
+        print(f"tune-sana: --skip-corrupt: left out {len(skipped)} unreadable "
+              f"file{'s' if len(skipped) > 1 else ''}: "
+              + "; ".join(f"{s.location}: {s.reason}" for s in skipped), file=sys.stderr)
     return 0
 
 
@@ -140,6 +184,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "func", "data", "model") and v is not None}
+    _check_out(args.cache_root, "--cache-root")  # before the encoders run, not after
     print(build_cache(args.data, args.model, **options))
     return 0
 
@@ -147,6 +192,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from tune_sana.engine.export import export
 
+    _check_out(args.out)
     print(export(args.run_dir, args.trial, out=args.out, device=args.device, force=args.force))
     return 0
 
@@ -167,7 +213,7 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tune-sana",
         description="Find Sana fine-tuning settings that train well and stay finite.",
     )
@@ -212,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--top", type=int, default=10, help="trials in the ranking (default 10)")
     rep.add_argument("--plots", metavar="DIR", help="write stability map, curves and causes PNGs")
     rep.add_argument("--html", metavar="FILE", help="write one self-contained HTML page")
+    rep.add_argument("--skip-corrupt", action="store_true",
+                     help="report what is readable, leaving out corrupt files (named on stderr)")
     rep.set_defaults(func=cmd_report)
 
     best = sub.add_parser("best", help="the best configuration (the best confirmed mean when "

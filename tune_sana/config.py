@@ -62,6 +62,11 @@ TINY = "sana-tiny"
 PRESETS: tuple[str, ...] = (TINY,)
 
 
+# An Adam-family update moves each weight by about lr per step: far beyond any lr that trains
+# (a frontier search's brackets end near 1), short of where the arithmetic itself overflows.
+LR_MAX = 1e3
+
+
 def home() -> Path:
     """Where built artefacts (the demo base, encoding caches) live: $TUNE_SANA_HOME or
     ~/.cache/tune-sana."""
@@ -81,7 +86,8 @@ class TrialConfig(BaseModel):
     steps: int = Field(200, ge=1, description="optimizer steps to run")
     batch_size: int = Field(8, ge=1, description="samples per micro-batch (see grad_accum_steps)")
     seed: int = Field(0, ge=0, description="seeds init order, batches, noise and timesteps")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate (after warmup)")
+    lr: float = Field(1e-4, gt=0, le=LR_MAX, allow_inf_nan=False,
+                      description="peak learning rate (after warmup)")
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
     warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
     max_grad_norm: float | None = Field(None, gt=0, description="clip total grad norm; null = off")
@@ -150,7 +156,7 @@ class TrialConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null = torch default")
 
-    @field_validator("lr", "adam_eps", "came_eps1", "came_eps2", "min_loss_scale")
+    @field_validator("adam_eps", "came_eps1", "came_eps2", "min_loss_scale")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -198,9 +204,11 @@ def read_yaml_mapping(path: str | Path, what: str = "a mapping of key: value") -
     """A YAML file's top-level mapping, read with the safe loader; every problem is a UserError
     naming the file (and the line, for malformed YAML). An empty file is an empty mapping."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; a YAML file is expected") from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -109,11 +109,18 @@ def encoder_source(model: str) -> str:
 
 
 def pick_variant(source: str, wanted: str | None) -> str | None:
-    """The weight variant to load the encoders with: ``wanted``, or for a local folder the
-    default files, else bf16, else fp16 (whichever both the VAE and Gemma-2 have)."""
-    if wanted is not None or not is_local(source):
+    """The weight variant to load the encoders with: ``wanted`` (for a local folder, a
+    UserError before anything is encoded where the VAE or Gemma-2 lack it), or for a local
+    folder the default files, else bf16, else fp16 (whichever both have)."""
+    if not is_local(source):
         return wanted
     root = Path(source)
+    if wanted is not None:
+        if not (has_weights(root / "vae", wanted)
+                and has_weights(root / "text_encoder", wanted, stem="model")):
+            raise UserError(f"model '{source}': no variant '{wanted}' weights in vae/ and "
+                            "text_encoder/; pass a variant the folder has (or none)")
+        return wanted
     for variant in (None, "bf16", "fp16"):
         if (has_weights(root / "vae", variant)
                 and has_weights(root / "text_encoder", variant, stem="model")):

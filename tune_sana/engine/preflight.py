@@ -61,6 +61,7 @@ def check_local(spec: SweepSpec) -> None:
     _check_devices(spec)
     _check_optimizers(spec)
     _check_fit(spec, shapes)
+    _check_batches(spec, shapes)
 
 
 def check_scheduler(spec: SweepSpec) -> None:
@@ -75,17 +76,47 @@ def check_scheduler(spec: SweepSpec) -> None:
                         "scheduler.type fifo")
 
 
+_SANA_CLASS = "SanaTransformer2DModel"
+
+
 def _check_checkpoint_folder(model: str, folder: Path, variants: list[Any]) -> None:
     try:
-        json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"model '{model}': {folder / 'config.json'} is unreadable or not JSON "
                         f"({type(err).__name__}); re-save the checkpoint") from None
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind is not None and kind != _SANA_CLASS:
+        raise UserError(f"model '{model}': {folder / 'config.json'} describes a {kind}, not a "
+                        f"{_SANA_CLASS}; point to a Sana checkpoint (its transformer/ folder)")
     for variant in variants:
         if not has_weights(folder, variant):
             name = weights_name(TRANSFORMER_WEIGHTS, variant)
-            raise UserError(f"model '{model}': no {name} in {folder}; drop variant "
+            other = sorted(p.name for p in folder.glob(f"{TRANSFORMER_WEIGHTS}*.bin"))
+            hint = (f" (found {other[0]}: only safetensors weights are read; re-save with "
+                    "save_pretrained(safe_serialization=True))" if other else "")
+            raise UserError(f"model '{model}': no {name} in {folder}{hint}; drop variant "
                             f"'{variant}' from the space or use a checkpoint that has it")
+        _check_safetensors(model, folder / weights_name(TRANSFORMER_WEIGHTS, variant))
+
+
+def _check_safetensors(model: str, path: Path) -> None:
+    """The file starts as safetensors does: an 8-byte little-endian header length, then that
+    many bytes of JSON (a sharded checkpoint's shards are not opened here)."""
+    if not path.is_file():
+        return  # sharded: an index.json names the shards
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or not 2 <= length <= size - 8:
+                raise ValueError("no safetensors header")
+            header = json.loads(handle.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a mapping")
+    except (OSError, ValueError) as err:
+        raise UserError(f"model '{model}': {path} is not a safetensors file ({err}); re-save "
+                        "the checkpoint with save_pretrained") from None
 
 
 def _check_data(data: str) -> DataShape:
@@ -99,6 +130,25 @@ def _check_data(data: str) -> DataShape:
         raise UserError(f"data '{data}': no such folder; use builtin:shapes, an images folder "
                         "or a folder made by tune-sana cache")
     return DataShape.of(load_data(str(folder)))  # a corrupt or foreign folder: UserError
+
+
+def _largest(spec: SweepSpec, key: str) -> int:
+    """The largest value an integer key can take in this sweep (a range's high end)."""
+    if key in spec.space:
+        return max(int(v) for v in spec.space[key].extremes())
+    return int(max(candidates(spec, key)))
+
+
+def _check_batches(spec: SweepSpec, data: dict[str, DataShape]) -> None:
+    """Each optimizer step's samples (batch_size x grad_accum_steps x workers) fit in the
+    training set: a trial would silently take fewer than its recorded batch_size says."""
+    per_step = (_largest(spec, "batch_size") * _largest(spec, "grad_accum_steps")
+                * spec.resources.workers)
+    for name, shape in data.items():
+        if 0 < shape.train < per_step:
+            raise UserError(f"batch_size x grad_accum_steps x resources.workers = {per_step} "
+                            f"samples per step, but data '{name}' has {shape.train} training "
+                            "samples; lower batch_size (or use a larger dataset)")
 
 
 def _check_fit(spec: SweepSpec, data: dict[str, DataShape]) -> None:

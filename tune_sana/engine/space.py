@@ -69,6 +69,13 @@ TRIALS: dict[str, str] = {
 }
 # Trials that take a validated TrialConfig; any other trial program gets its config as a dict.
 TRIAL_CONFIG_TRIALS = frozenset({"sana_finetune"})
+# What each trial program reports that a search can rank on (metric:); Ray's strict metric
+# check is off (rows between evaluations carry no val_loss), so a name no trial reports would
+# rank nothing, silently.
+METRICS: dict[str, tuple[str, ...]] = {
+    "sana_finetune": ("val_loss", "retain_loss", "train_loss"),
+    "synthetic": ("val_loss", "train_loss"),
+}
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
 
 
@@ -326,6 +333,10 @@ def _check_against_trial(spec: SweepSpec, source: str) -> None:
         hint = did_you_mean(spec.trial, TRIALS)
         raise UserError(f"{source}: unknown trial '{spec.trial}'{hint}; "
                         f"known trials: {', '.join(TRIALS)}")
+    metrics = METRICS.get(spec.trial)
+    if metrics is not None and spec.metric not in metrics:
+        raise UserError(f"{source}: metric '{spec.metric}'{did_you_mean(spec.metric, metrics)}: "
+                        f"trial '{spec.trial}' reports {', '.join(metrics)}; use one of them")
     if spec.trial not in TRIAL_CONFIG_TRIALS:
         return
     for section in ("fixed", "space"):

@@ -28,7 +28,7 @@ from tune_sana.engine.space import TRAINER_CPU, TRIAL_CONFIG_TRIALS, SweepSpec, 
 from tune_sana.engine.trialrun import error_row, load_trial
 from tune_sana.record.readers import read_spec
 from tune_sana.record.schema import SPEC_FILE
-from tune_sana.record.storage import Location, is_uri
+from tune_sana.record.storage import Location, is_uri, one_line
 
 DEFAULT_STORAGE = "runs"  # where runs go: a folder (relative to the working directory) or a URI
 PROGRESS_EVERY_S = 10.0  # seconds between the driver's progress lines (--progress-every)
@@ -139,7 +139,7 @@ def storage_root(storage: str) -> str:
         try:
             root.create_dir()
         except OSError as err:
-            raise UserError(f"--storage {storage}: cannot create the folder ({err}); "
+            raise UserError(f"--storage {storage}: cannot create the folder ({one_line(err)}); "
                             "check the URI and its credentials") from None
         return root.text
     root_path = Path(storage).expanduser().resolve()
@@ -250,7 +250,9 @@ def init_ray(options: SweepOptions) -> None:
                 raise UserError(f"--address {address}: the cluster uses token authentication; "
                                 "export RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN or "
                                 "~/.ray/auth_token) and run again") from None
-            raise
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"--address {address}: cannot join a Ray cluster there ({first}); "
+                            "start one with 'ray start --head' or check the address") from None
         return
     with _without_auth_notice():
         ray.init(
@@ -308,17 +310,39 @@ def _single_machine_mode() -> None:
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
 
 
+_RAY_CLIENT_PORT = 10001  # of a ray:// address that names none
+
+
 def _check_reachable(address: str, timeout_s: float) -> None:
     """Fail in bounded time with one line if a host:port cluster address does not answer."""
     import socket
+    from urllib.parse import urlsplit
 
-    if address in ("auto", "local") or address.startswith(("ray://", "http")):
+    if address in ("auto", "local"):
         return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--address {address}: expected host:port (e.g. 10.0.0.1:6379) or auto")
+    if address.startswith(("http://", "https://")):  # ray.init refuses these
+        raise UserError(f"--address {address}: a dashboard address is for 'ray job submit "
+                        f"--address {address} -- tune-sana sweep ...'; to join the cluster "
+                        "give its head's host:6379 or ray://host:10001")
+    if "://" in address:  # ray://head:10001 (Ray Client)
+        try:
+            parts = urlsplit(address)
+            host, port = parts.hostname, parts.port or _RAY_CLIENT_PORT
+        except ValueError:
+            host = None
+        if not host or parts.scheme != "ray":
+            raise UserError(f"--address {address}: expected host:port (e.g. 10.0.0.1:6379), "
+                            "ray://host:10001 or auto")
+    else:
+        host, _, text = address.rpartition(":")
+        if not host or not text.isdigit():
+            raise UserError(f"--address {address}: expected host:port (e.g. 10.0.0.1:6379) "
+                            "or auto")
+        host, port = host.strip("[]"), int(text)
+    if not 0 < port < 65536:
+        raise UserError(f"--address {address}: port {port} is not a TCP port (1-65535)")
     try:
-        with socket.create_connection((host, int(port)), timeout=min(timeout_s, 10.0)):
+        with socket.create_connection((host, port), timeout=min(timeout_s, 10.0)):
             pass
     except OSError as err:
         raise UserError(f"--address {address}: no Ray head answers ({err}); start one with "
@@ -574,6 +598,11 @@ def _run_held(spec: SweepSpec, options: SweepOptions, run_dir: Path | str) -> Pa
     """run() while this process holds the run directory's lock."""
     if options.resume:
         check_resumable(run_dir, spec)
+        from tune_sana.record.quarantine import prepare_resume
+
+        moved = prepare_resume(run_dir)  # corrupt history parts aside; other corrupt files: error
+        if moved:
+            _say(moved)
     elif Location.of(run_dir).entries(hidden=True):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or "
                         "choose another --name")

@@ -4,6 +4,7 @@ and the metadata every file carries.
     <run dir>/sweep.yaml        the resolved spec, exactly as run
     <run dir>/trials.parquet    one row per finished trial (config columns + outcome + summary)
     <run dir>/history/*.parquet one row per reported step; a pyarrow dataset
+    <run dir>/quarantine/       history parts a resume found corrupt, moved aside (quarantine.py)
 
 Each file's metadata carries the schema version, library versions, the hardware and the sweep
 spec. NaN never reaches these files: metrics are finite floats or null (``outcomes.clean``).
@@ -36,6 +37,7 @@ TRIALS_FILE = "trials.parquet"
 FRONTIER_FILE = "frontier.parquet"
 HISTORY_DIR = "history"
 SPEC_FILE = "sweep.yaml"
+QUARANTINE_DIR = "quarantine"
 
 HISTORY_SCHEMA = pa.schema([
     pa.field("trial_id", pa.string(), nullable=False),

@@ -27,6 +27,14 @@ import pyarrow.parquet as pq
 from tune_sana.config import UserError
 
 
+def one_line(err: BaseException) -> str:
+    """An error's message for a one-line UserError: its first line (pyarrow's filesystem
+    errors can run over many: HDFS's 'Unable to load libjvm' lists every path it tried)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def is_uri(location: str | os.PathLike[str]) -> bool:
     """A URI (``scheme://...``) rather than a local path."""
     return isinstance(location, str) and "://" in location
@@ -51,8 +59,9 @@ class Location:
         try:
             fs, path = pafs.FileSystem.from_uri(text)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError, OSError) as err:
-            raise UserError(f"{text}: not a storage URI that pyarrow understands ({err}); "
-                            "use a local folder or e.g. file:///..., s3://bucket/path") from None
+            raise UserError(f"{text}: not a storage URI that pyarrow understands "
+                            f"({one_line(err)}); use a local folder or e.g. file:///..., "
+                            "s3://bucket/path") from None
         return cls(text, fs, path)
 
     # --- naming ---------------------------------------------------------------------------------
@@ -141,6 +150,12 @@ class Location:
         with self.fs.open_input_stream(self.path) as stream:
             data: bytes = stream.read()
         return data.decode()
+
+    def move(self, target: Location) -> None:
+        """Move this file to ``target`` on the same filesystem (its folder created): a rename
+        on a local or HDFS filesystem, a copy and delete on an object store."""
+        target.parent.create_dir()
+        self.fs.move(self.path, target.path)
 
     def delete(self) -> None:
         """Delete a file; an absent one is fine."""

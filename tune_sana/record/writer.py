@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tune_sana.outcomes import clean
-from tune_sana.record.readers import read_history
+from tune_sana.record.readers import read_history, read_trials
 from tune_sana.record.schema import (
     CONFIG_FIELDS,
     CONFIG_NAMES,
@@ -101,7 +102,9 @@ class ResultsWriter:
     Each (trial, step) is written once, the first time it is reported: a trial retried from a
     checkpoint, or re-run after a resume, repeats steps that are already on disk, and those
     repeats are dropped. ``resume=True`` keeps the finished trials already on disk and reads how
-    far each trial's history got. Thread-safe.
+    far each trial's history got; a trial whose steps on disk have a gap (a corrupt part moved
+    into quarantine/, record/quarantine.py) keeps the set of its steps instead, so a re-run
+    fills the gap and still writes no step twice. Thread-safe.
     """
 
     def __init__(self, run_dir: str | os.PathLike[str], spec_yaml: str = "",
@@ -119,16 +122,29 @@ class ResultsWriter:
         # Trials finished before a resume: their rows and history stay exactly as written.
         self.resumed: frozenset[str] = frozenset()
         if resume and (self.location / TRIALS_FILE).is_file():
-            for row in (self.location / TRIALS_FILE).read_table().to_pylist():
+            for row in read_trials(self.location).to_pylist():
                 self._trials[row["trial_id"]] = row
             self.resumed = frozenset(self._trials)
         self._last_step: dict[str, int] = {}
+        self._steps: dict[str, set[int]] = {}  # trials whose steps on disk have a gap
         if resume:
             self._remove_temp_files()
-            done = read_history(self.location, ["trial_id", "step"]).group_by("trial_id").aggregate(
-                [("step", "max")])
-            self._last_step = dict(zip(done["trial_id"].to_pylist(),
-                                       done["step_max"].to_pylist(), strict=True))
+            self._read_steps()
+
+    def _read_steps(self) -> None:
+        """How far each trial's history on disk got: its last step, or where its steps may have
+        a gap (they do not run from step 0 to the last, one by one), the set of them."""
+        done = read_history(self.location, ["trial_id", "step"])
+        spans = done.group_by("trial_id").aggregate(
+            [("step", "min"), ("step", "max"), ("step", "count_distinct")]).to_pylist()
+        gaps = [r["trial_id"] for r in spans
+                if r["step_min"] != 0 or r["step_count_distinct"] != r["step_max"] + 1]
+        self._last_step = {r["trial_id"]: r["step_max"] for r in spans
+                           if r["trial_id"] not in gaps}
+        if gaps:
+            rows = done.filter(pc.is_in(done["trial_id"], value_set=pa.array(gaps))).to_pylist()
+            for row in rows:
+                self._steps.setdefault(row["trial_id"], set()).add(row["step"])
 
     def _remove_temp_files(self) -> None:
         """Temp files of writes that a crash cut short (never visible to readers: dot-names)."""
@@ -142,9 +158,15 @@ class ResultsWriter:
         step = row.get("step")
         with self._lock:
             if isinstance(step, int):
-                if step <= self._last_step.get(trial_id, -1):
+                seen = self._steps.get(trial_id)
+                if seen is not None:  # a gap on disk: only its missing steps are new
+                    if step in seen:
+                        return
+                    seen.add(step)
+                elif step <= self._last_step.get(trial_id, -1):
                     return  # a repeat after a retry or resume: the first write stands
-                self._last_step[trial_id] = step
+                else:
+                    self._last_step[trial_id] = step
             self._buffer.append(row)
             due = (len(self._buffer) >= self.flush_rows
                    or time.monotonic() - self._last_flush >= self.flush_seconds)

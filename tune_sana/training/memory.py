@@ -85,19 +85,21 @@ _BNB_BLOCK = 256
 @dataclass(frozen=True)
 class DataShape:
     """What the estimate needs of a dataset: one sample's latent (C, H, W) and text (L, dim)
-    shapes, and the held-out sample counts the fixed evaluations take."""
+    shapes, and the held-out sample counts the fixed evaluations take; ``train``: the training
+    samples (preflight's batch check)."""
 
     latent: tuple[int, int, int]
     text: tuple[int, int]
     val: int
     retain: int = 0
+    train: int = 0
 
     @classmethod
     def of(cls, split: DataSplit) -> DataShape:
         c, h, w = (int(n) for n in split.train.latents.shape[1:])
         length, dim = (int(n) for n in split.train.text.shape[1:])
         retain = len(split.retain) if split.retain is not None else 0
-        return cls((c, h, w), (length, dim), len(split.val), retain)
+        return cls((c, h, w), (length, dim), len(split.val), retain, len(split.train))
 
 
 @dataclass(frozen=True)
