@@ -25,7 +25,7 @@ import yaml
 from tune_sana.config import TrialConfig, UserError, build_config
 from tune_sana.engine import preflight, relay
 from tune_sana.engine.space import TRAINER_CPU, TRIAL_CONFIG_TRIALS, SweepSpec, max_t
-from tune_sana.engine.trialrun import error_row, load_trial
+from tune_sana.engine.trialrun import load_trial, run_relayed
 from tune_sana.record.readers import read_spec
 from tune_sana.record.schema import SPEC_FILE
 from tune_sana.record.storage import Location, is_uri, one_line
@@ -59,8 +59,6 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpu
     import ray
     from ray import tune
 
-    from tune_sana.engine.stopping import sanitize
-
     values = {**fixed, **config}
     if workers:  # each worker localizes shipped folders on its own node
         from tune_sana.engine.workers import run_workers
@@ -81,27 +79,15 @@ def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpu
     def send(result: dict[str, Any], checkpoint: Any) -> None:
         tune.report({**result, "node": node}, checkpoint=checkpoint)
 
-    outbox = relay.RowRelay(send, metric, every_s=report_every_s)
     checkpointer = _RayCheckpointer()
-    last_step: list[int] = []
 
-    def report(row: dict[str, Any]) -> None:
-        if "step" in row:
-            last_step[:] = [int(row["step"])]
-        outbox.add(sanitize(row), checkpoint=checkpointer.take())
-
-    try:
+    def call(report: Callable[[dict[str, Any]], None]) -> None:
         if trial in TRIAL_CONFIG_TRIALS:
-            trial_config = build_config(values, "trial config")
-            run(trial_config, report, checkpoint=checkpointer)
+            run(build_config(values, "trial config"), report, checkpoint=checkpointer)
         else:
             run(values, report)
-    except Exception as err:  # any failure becomes the outcome
-        # An exception (a bug, a bad setting, out of memory) ends this trial as `error` with its
-        # message, and the sweep goes on. It is not retried: it would fail again. Only a trial
-        # whose process dies is retried by Ray (FailureConfig).
-        outbox.add(error_row(err, last_step[0] if last_step else None))
-    outbox.flush()  # a trial program that ended without a final row
+
+    run_relayed(call, relay.RowRelay(send, metric, every_s=report_every_s), checkpointer)
 
 
 class _RayCheckpointer:

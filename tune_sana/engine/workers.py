@@ -80,8 +80,7 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
     import torch
 
     from tune_sana.config import build_config
-    from tune_sana.engine.stopping import sanitize
-    from tune_sana.engine.trialrun import error_row, load_trial
+    from tune_sana.engine.trialrun import load_trial, run_relayed
     from tune_sana.training.ranks import Ranks
 
     torch.set_num_threads(max(1, int(loop_config["cpu"])))  # this worker's share of the node
@@ -107,27 +106,17 @@ def _worker_main(loop_config: dict[str, Any]) -> None:
         else:
             ray.train.report({}, checkpoint=None)
 
-    rows = [0]
+    rows = [0]  # the relay's clock: rows reported, the same count on every rank
 
-    def count() -> float:
-        return float(rows[0])
-
-    outbox = relay.RowRelay(send, loop_config["metric"], every_s=REPORT_EVERY_ROWS, clock=count)
-    last_step: list[int] = []
-
-    def report(row: dict[str, Any]) -> None:
+    def count() -> None:
         rows[0] += 1
-        if "step" in row:
-            last_step[:] = [int(row["step"])]
-        outbox.add(sanitize(row), checkpoint=checkpointer.take())
 
+    outbox = relay.RowRelay(send, loop_config["metric"], every_s=REPORT_EVERY_ROWS,
+                            clock=lambda: float(rows[0]))
     run = load_trial(loop_config["trial"])
-    try:
-        run(build_config(values, "trial config"), report,
-            checkpoint=checkpointer, ranks=ranks)
-    except Exception as err:  # the trial's outcome, as in a one-worker trial (sweep._trainable)
-        outbox.add(error_row(err, last_step[0] if last_step else None))
-    outbox.flush()
+    run_relayed(lambda report: run(build_config(values, "trial config"), report,
+                                   checkpoint=checkpointer, ranks=ranks),
+                outbox, checkpointer, on_row=count)
 
 
 class TrainCheckpointer:
