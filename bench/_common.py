@@ -174,15 +174,18 @@ class SweepRun:
     history: list[dict[str, Any]]
 
 
-def run_tune_sana(spec: dict[str, Any], storage: Path, name: str) -> SweepRun:
+def run_tune_sana(spec: dict[str, Any], storage: Path, name: str,
+                  warm_start: Sequence[str] = ()) -> SweepRun:
     """Run ``spec`` (a space file's mapping) through tune_sana.engine.sweep.run, exactly as
-    ``tune-sana sweep`` does, and read its Parquet record back."""
+    ``tune-sana sweep`` does (``warm_start``: its --warm-start runs), and read its Parquet
+    record back."""
     from tune_sana.engine.space import parse_spec
     from tune_sana.engine.sweep import SweepOptions, run
     from tune_sana.record.readers import read_history, read_trials
 
     parsed = parse_spec(spec, source=f"bench:{name}")
-    options = SweepOptions(name=name, storage=str(storage), progress_every_s=1e9)
+    options = SweepOptions(name=name, storage=str(storage), progress_every_s=1e9,
+                           warm_start=tuple(warm_start))
     t0 = time.perf_counter()
     with _quiet_stderr():
         run_dir = run(parsed, options, spec_name=name)

@@ -1,6 +1,7 @@
 """How fast is `tune-sana report` against loading the same sweep through Ray's own files?
 
     .venv/bin/python bench/report_speed.py [--trials 1000] [--steps 1430]
+    .venv/bin/python bench/report_speed.py --size 10m     # 10,000 trials, ~10 M history rows
 
 One run generates one random sweep (tune_sana/testing/sweeps.py: --trials trials of up to
 --steps steps, one history row per step, val loss every --eval-every steps; about half the
@@ -23,6 +24,13 @@ Then it times
           (against our CLI subprocess).
 Both read files the generator just wrote (warm page cache). Prints a summary, then one JSON
 line (last line) with times, speedup and row counts.
+
+Every size also compacts history/ as the end of a sweep does (record/compaction.py: files of
+at least 100,000 rows) and times the CLI report again on that layout, measuring the peak RSS
+of the CLI process (its VmHWM). ``--size 10m`` (issue 17: 10,000 trials x 1,000 steps,
+target under 5 s and under 2 GB peak for the CLI on the compacted record) skips Ray's side:
+writing 10 M JSON result lines from Python is the slow part of the generator, and the target
+is absolute.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -143,8 +152,43 @@ def ray_best(exp_dir: Path) -> tuple[str, float, float]:
     return best_id, loaded, time.perf_counter() - t0
 
 
-def main() -> None:
+SIZES = {"1m": 1000, "10m": 10000}  # trials; --steps 1430 gives ~1,000 history rows a trial
+TARGET_10M_S, TARGET_10M_MB = 5.0, 2048.0
+
+
+# The CLI run in a fresh process that then prints its own VmHWM (the peak resident set of its
+# own address space, which exec started anew; ru_maxrss of a child would also count the
+# pages of the benchmark's process it was forked from).
+_CLI = ("import sys\nfrom tune_sana.cli import main\ntry:\n    code = main(sys.argv[1:])\n"
+        "finally:\n    peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+        "    print(peak[0].split()[1], file=sys.stderr)\nsys.exit(code)")
+
+
+def cli_report(run_dir: Path, env: dict[str, str]) -> tuple[str, float, float]:
+    """`tune-sana report run_dir` as a subprocess: (its stdout, wall seconds, peak RSS of that
+    process in MB)."""
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CLI, "report", str(run_dir)],
+                          capture_output=True, text=True, env=env, check=True)
+    wall = time.perf_counter() - t
+    return proc.stdout, wall, int(proc.stderr.strip().splitlines()[-1]) / 1024  # kB
+
+
+def compact(run_dir: Path) -> tuple[int, int, float]:
+    """history/ compacted as a sweep's end leaves it: (files before, after, seconds)."""
+    from tune_sana.record.compaction import compact_history
+    from tune_sana.record.schema import HISTORY_DIR
+
+    before = len(list((run_dir / HISTORY_DIR).glob("*.parquet")))
+    t = time.perf_counter()
+    compact_history(run_dir)
+    return before, len(list((run_dir / HISTORY_DIR).glob("*.parquet"))), time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES),
+                        help="1m: 1,000 trials (default); 10m: 10,000 trials, Ray skipped")
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=1430,
                         help="configured steps per trial (diverged/pruned trials stop early)")
@@ -153,7 +197,12 @@ def main() -> None:
                         help="history rows per part file (ResultsWriter's default flush)")
     parser.add_argument("--repeat", type=int, default=5, help="in-process report calls")
     parser.add_argument("--workdir", help="where to write (default: a temp dir, removed)")
-    args = parser.parse_args()
+    parser.add_argument("--skip-ray", action="store_true", help="time our side only")
+    args = parser.parse_args(argv)
+    if args.size:
+        args.trials = SIZES[args.size]
+    if args.size == "10m":
+        args.skip_ray = True
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="report-speed-"))
     gen: dict[str, float] = {}
@@ -164,14 +213,17 @@ def main() -> None:
     ours = work / "ours"
     parts = write_large_parquet(ours, sweep, args.flush_rows)
     gen["parquet_s"] = time.perf_counter() - t
-    t = time.perf_counter()
     exp_dir = work / "ray_exp"
-    write_ray_experiment(exp_dir, sweep)
-    gen["ray_files_s"] = time.perf_counter() - t
+    if not args.skip_ray:
+        t = time.perf_counter()
+        write_ray_experiment(exp_dir, sweep)
+        gen["ray_files_s"] = time.perf_counter() - t
     rows = sweep.history.num_rows
+    del sweep  # the generator's arrays: not part of what is measured
+    ray_files = f", Ray's files {gen['ray_files_s']:.1f} s" if "ray_files_s" in gen else ""
     print(f"generated {args.trials} trials, {rows} history rows: arrays {gen['arrays_s']:.1f} s,"
-          f" our Parquet {gen['parquet_s']:.1f} s ({parts} history parts), Ray's files "
-          f"{gen['ray_files_s']:.1f} s", flush=True)
+          f" our Parquet {gen['parquet_s']:.1f} s ({parts} history parts){ray_files}",
+          flush=True)
 
     from tune_sana.analysis.best import best_trial
     from tune_sana.analysis.report import report
@@ -185,45 +237,63 @@ def main() -> None:
     our_best, _, _ = best_trial(ours)
     best_s = time.perf_counter() - t
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    t = time.perf_counter()
-    cli = subprocess.run([sys.executable, "-m", "tune_sana.cli", "report", str(ours)],
-                         capture_output=True, text=True, env=env, check=True)
-    cli_s = time.perf_counter() - t
-    assert cli.stdout == text, "CLI and in-process reports differ"
-
-    ray_id, ray_load_s, ray_total_s = ray_best(exp_dir)
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from report_speed import ray_best; "
-            "print(ray_best(__import__('pathlib').Path(sys.argv[2]))[0])")
-    t = time.perf_counter()
-    sub = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(exp_dir)],
-                         capture_output=True, text=True, env=env, check=True)
-    ray_sub_s = time.perf_counter() - t
-    assert sub.stdout.strip().splitlines()[-1] == ray_id
+    cli_text, cli_s, cli_mb = cli_report(ours, env)
+    assert cli_text == text, "CLI and in-process reports differ"
+    files_before, files_after, compact_s = compact(ours)
+    compacted_text, compacted_s, compacted_mb = cli_report(ours, env)
+    assert compacted_text == text, "the compacted record reports differently"
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     first, median = times[0], statistics.median(times)
-    speedup = ray_total_s / median
     print(f"ours:  report in-process first {first:.3f} s, median {median:.3f} s of "
-          f"{args.repeat}; best_trial {best_s:.3f} s; CLI subprocess {cli_s:.2f} s")
-    print(f"Ray:   ExperimentAnalysis {ray_load_s:.2f} s, + best trial {ray_total_s:.2f} s; "
-          f"as a subprocess (Python start + import ray) {ray_sub_s:.2f} s")
-    same = "same" if our_best == ray_id else "DIFFERENT"
-    print(f"best trial: ours {our_best}, Ray {ray_id} ({same})")
-    print(f"speedup, in-process (Ray load+best / our whole report, median): {speedup:.0f}x; "
-          f"subprocess vs subprocess: {ray_sub_s / cli_s:.0f}x; target >= 20x and < 2 s: "
-          f"{'met' if speedup >= 20 and median < 2 else 'NOT met'}")
+          f"{args.repeat}; best_trial {best_s:.3f} s")
+    print(f"CLI subprocess on {files_before} parts as flushed: {cli_s:.2f} s, peak "
+          f"{cli_mb:.0f} MB; compacted into {files_after} files in {compact_s:.1f} s; CLI on "
+          f"them {compacted_s:.2f} s, peak {compacted_mb:.0f} MB (children's CPU so far "
+          f"{cpu.ru_utime + cpu.ru_stime:.1f} s)")
+    result: dict[str, Any] = {
+        "benchmark": "report_speed", "size": args.size, "trials": args.trials,
+        "steps": args.steps, "history_rows": rows, "history_parts": parts,
+        "ours_report_first_s": round(first, 4), "ours_report_median_s": round(median, 4),
+        "ours_best_s": round(best_s, 4), "ours_cli_s": round(cli_s, 3),
+        "ours_cli_peak_mb": round(cli_mb, 1), "compact_s": round(compact_s, 2),
+        "compacted_files": files_after, "ours_cli_compacted_s": round(compacted_s, 3),
+        "ours_cli_compacted_peak_mb": round(compacted_mb, 1),
+        "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+        "generate_s": {k: round(v, 1) for k, v in gen.items()},
+    }
+    if args.size == "10m":
+        met = compacted_s < TARGET_10M_S and compacted_mb < TARGET_10M_MB
+        print(f"10 M rows: CLI {compacted_s:.2f} s (target < {TARGET_10M_S:g} s), peak "
+              f"{compacted_mb:.0f} MB (target < {TARGET_10M_MB:.0f} MB): "
+              f"{'met' if met else 'NOT met'}")
+        result.update(target_s=TARGET_10M_S, target_mb=TARGET_10M_MB, target_met=met)
+    if not args.skip_ray:
+        ray_id, ray_load_s, ray_total_s = ray_best(exp_dir)
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); from report_speed import "
+                "ray_best; print(ray_best(__import__('pathlib').Path(sys.argv[2]))[0])")
+        t = time.perf_counter()
+        sub = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(exp_dir)],
+                             capture_output=True, text=True, env=env, check=True)
+        ray_sub_s = time.perf_counter() - t
+        assert sub.stdout.strip().splitlines()[-1] == ray_id
+        speedup = ray_total_s / median
+        print(f"Ray:   ExperimentAnalysis {ray_load_s:.2f} s, + best trial {ray_total_s:.2f} "
+              f"s; as a subprocess (Python start + import ray) {ray_sub_s:.2f} s")
+        same = "same" if our_best == ray_id else "DIFFERENT"
+        print(f"best trial: ours {our_best}, Ray {ray_id} ({same})")
+        print(f"speedup, in-process (Ray load+best / our whole report, median): {speedup:.0f}x;"
+              f" subprocess vs subprocess: {ray_sub_s / cli_s:.0f}x; target >= 20x and < 2 s: "
+              f"{'met' if speedup >= 20 and median < 2 else 'NOT met'}")
+        result.update(ray_experiment_analysis_s=round(ray_load_s, 3),
+                      ray_best_total_s=round(ray_total_s, 3),
+                      ray_subprocess_s=round(ray_sub_s, 3), speedup=round(speedup, 1),
+                      speedup_subprocess=round(ray_sub_s / cli_s, 1),
+                      same_best=our_best == ray_id)
+        if args.size != "10m":
+            result["target_met"] = speedup >= 20 and median < 2
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({
-        "trials": args.trials, "steps": args.steps, "history_rows": rows,
-        "history_parts": parts, "ours_report_first_s": round(first, 4),
-        "ours_report_median_s": round(median, 4), "ours_best_s": round(best_s, 4),
-        "ours_cli_s": round(cli_s, 3), "ray_experiment_analysis_s": round(ray_load_s, 3),
-        "ray_best_total_s": round(ray_total_s, 3), "ray_subprocess_s": round(ray_sub_s, 3),
-        "speedup": round(speedup, 1), "speedup_subprocess": round(ray_sub_s / cli_s, 1),
-        "same_best": our_best == ray_id,
-        "target_met": speedup >= 20 and median < 2,
-        "generate_s": {k: round(v, 1) for k, v in gen.items()},
-    }))
-
+    print(json.dumps(result))
 
 if __name__ == "__main__":
     main()

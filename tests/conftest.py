@@ -15,9 +15,10 @@ from tune_sana.config import TrialConfig, build_config
 
 # Small and fast on a shared 2-core CPU: fresh tiny Sana, small batches, a small val batch, one
 # torch thread (the trial sets it process-wide; two threads on busy shared cores run slower).
+# No sample grids (two per trial, ~0.1-0.3 s each here): tests/test_samples.py turns them on.
 FAST: dict[str, Any] = {
     "model": "sana-tiny", "steps": 4, "batch_size": 8, "val_batch_size": 16, "eval_every": 2,
-    "device": "cpu", "threads": 1,
+    "device": "cpu", "threads": 1, "sample_steps": 0,
 }
 
 
@@ -73,6 +74,21 @@ def demo_base() -> Path:
     from tune_sana.training.demo_base import ensure_demo_base
 
     return ensure_demo_base()
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory: pytest.TempPathFactory, demo_base: Path) -> Path:
+    """A run dir with sample grids, recorded without Ray (tests/test_samples.py's record_run):
+    the demo base, two completed trials (lr 1e-3 learns more than 1e-4 in 4 steps) and a
+    diverged one (pure fp16 AdamW: its first update breaks the weights)."""
+    from tests.test_samples import record_run
+
+    run_dir = tmp_path_factory.mktemp("samples") / "run"
+    record_run(run_dir, {
+        "good": {"model": "demo-base", "lr": 1e-3, "steps": 4, "eval_every": 2},
+        "slow": {"model": "demo-base", "lr": 1e-4, "steps": 4, "eval_every": 2},
+        "bad": {"model": "demo-base", "lr": 1e-3, "steps": 2, "precision": "fp16"}})
+    return run_dir
 
 
 @pytest.fixture(scope="module")

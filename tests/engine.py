@@ -54,3 +54,47 @@ def last_steps(run_dir: Path) -> dict[str, int]:
 
 def trials_by_id(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {row["trial_id"]: row for row in read_trials(run_dir).to_pylist()}
+
+
+def run_in_terminal(args: list[str], timeout_s: float = 300.0,
+                    env: dict[str, str | None] | None = None) -> tuple[int, str]:
+    """``tune-sana <args>`` with a pseudo-terminal as its stdin, stdout and stderr (as in a
+    user's shell), in this environment changed by ``env`` (None: the variable removed);
+    returns its exit status and everything it wrote."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import time
+
+    changed = {**os.environ, "TERM": "xterm-256color", **(env or {})}
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))  # 100x40
+    os.set_blocking(main_fd, False)
+    proc = subprocess.Popen([sys.executable, "-m", "tune_sana.cli", *args], stdin=child_fd,
+                            stdout=child_fd, stderr=child_fd, close_fds=True,
+                            env={k: v for k, v in changed.items() if v is not None})
+    os.close(child_fd)
+    out = bytearray()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = os.read(main_fd, 65536)
+        except BlockingIOError:  # nothing to read yet
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+            continue
+        except OSError:  # EIO: every writer of the terminal has closed it
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(main_fd)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    return code, out.decode(errors="replace")

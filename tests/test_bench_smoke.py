@@ -38,6 +38,10 @@ TINY: dict[str, list[str]] = {
                       "--seeds", "0,1", "--draws-seeds", "3"],
     "rank_agreement": ["--model", "sana-tiny", "--rounds", "1", "--steps", "4",
                        "--skip-startup"],
+    "warm_start": ["--seeds", "0", "--trials", "1", "--first-trials", "2",
+                   "--concurrency", "1"],
+    "ingest": ["--trials", "1", "--steps", "300", "--ray-steps", "5"],
+    "thousand_trials": ["--trials", "3", "--steps", "2"],
 }
 FIELDS: dict[str, set[str]] = {
     "trial_overhead": {"worst_ratio", "worst_cpu_ratio", "modes", "target_met"},
@@ -53,12 +57,17 @@ FIELDS: dict[str, set[str]] = {
     "demo_finetune": {"base_val_loss", "improvement", "seed_spread", "separation",
                       "low_lr_share", "high_lr_forgets_or_diverges", "val_draws", "targets"},
     "rank_agreement": {"agreement", "target_met"},
+    "warm_start": {"first_best_val_loss", "warm_median_steps", "cold_median_steps", "ratio",
+                   "target_met"},
+    "ingest": {"ours", "plain", "nothing_lost", "ours_rows_s", "plain_results_s", "target_met"},
+    "thousand_trials": {"recorded", "memory_growth_mb", "finish_first_ms", "finish_last_ms",
+                        "compacted", "target_met"},
 }
 
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
@@ -106,3 +115,20 @@ def test_frontier_benchmark_compares_the_search_with_its_grid(
     assert all(e["agreement"] in ("inside", "adjacent", "disagree", "unsettled")
                for e in result["combos"])
     assert result["frontier_trial_steps"] == result["frontier_parquet_steps"]
+
+
+# bench/soak.py (issue 18): three trials, one worker killed a few seconds in; the full run is 30
+# minutes (python bench/soak.py). Its two sweeps are CLI subprocesses with their own Ray.
+TINY["soak"] = ["--samples", "3", "--kill-every", "6", "--max-kills", "1",
+                "--step-seconds", "0.1"]
+FIELDS["soak"] = {"faults_injected", "faults_survived", "rows_lost", "rows_doubled",
+                  "duration_s", "identical", "target_met"}
+
+
+def test_soak_benchmark_compares_its_record_with_the_unfaulted_one(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    result = _run("soak", capsys)
+    assert FIELDS["soak"] <= set(result), FIELDS["soak"] - set(result)
+    assert result["sweep_exit"] == 0 and result["reference_exit"] == 0
+    assert result["identical"] and result["rows_lost"] == 0 and result["rows_doubled"] == 0
+    assert result["faults_survived"] <= result["faults_injected"]

@@ -17,6 +17,7 @@ import pytest
 from tests.engine import start_sweep, trials_by_id, write_space
 from tune_sana.cli import main
 from tune_sana.engine import space
+from tune_sana.record.atomic import write_atomic
 from tune_sana.record.quarantine import prepare_resume
 from tune_sana.record.readers import read_history, read_spec
 from tune_sana.record.schema import (
@@ -28,7 +29,7 @@ from tune_sana.record.schema import (
     TRIALS_FILE,
     file_metadata,
 )
-from tune_sana.record.writer import ResultsWriter, write_atomic
+from tune_sana.record.writer import ResultsWriter
 from tune_sana.testing.sweeps import RUNNING, SMALL, _history_rows, write_sweep
 
 KINDS = ("trials", "history", "frontier", "spec")

@@ -24,10 +24,15 @@ TRIAL = {"model": "demo-base", "steps": 240, "eval_every": 40, "checkpoint_every
          "lr": 1e-3, "precision": "fp32", "device": "cpu", "threads": 1}
 
 
-def _trial_processes() -> list[psutil.Process]:
+def _trial_processes(driver_pid: int) -> list[psutil.Process]:
+    """The trial processes of this driver's own Ray (its descendants), never another Ray's on
+    this machine."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process(driver_pid).children(recursive=True):
+        try:
+            cmdline = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         if cmdline.startswith("ray::ImplicitFunc") or cmdline.startswith("ray::_trainable"):
             found.append(proc)
     return found
@@ -52,7 +57,7 @@ def test_killed_trial_is_retried_from_its_checkpoint_and_ends_as_if_never_killed
         assert driver.poll() is None, driver.stderr.read().decode()[-2000:] if driver.stderr else ""
         assert time.monotonic() < deadline, "no checkpoint was written in time"
         time.sleep(0.2)
-    victims = _trial_processes()
+    victims = _trial_processes(driver.pid)
     assert victims, "the trial's process was not found"
     for proc in victims:
         proc.send_signal(signal.SIGKILL)

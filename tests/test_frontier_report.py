@@ -32,8 +32,8 @@ from tune_sana.analysis.runs import load_run
 from tune_sana.analysis.tables import build_sections
 from tune_sana.cli import main
 from tune_sana.config import UserError
+from tune_sana.record.atomic import write_atomic
 from tune_sana.record.schema import FRONTIER_FILE, FRONTIER_SCHEMA, file_metadata
-from tune_sana.record.writer import write_atomic
 from tune_sana.testing.sweeps import (
     FIXED,
     Synth,

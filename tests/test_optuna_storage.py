@@ -14,6 +14,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from tests import test_warm_start as warm_runs
 from tests.engine import run_cli, trials_by_id, write_space
 from tune_sana.engine import space, study
 from tune_sana.engine.search import (
@@ -209,3 +210,24 @@ def test_a_real_sweeps_study_matches_its_record(tmp_path: Path, local_ray: None)
     again = _load(run_dir).trials  # still one study, every trial as it was
     assert [(t.number, t.state, t.value) for t in again] == [
         (t.number, t.state, t.value) for t in trials]
+
+
+@pytest.mark.slow
+def test_a_warm_started_sweep_from_the_cli(tmp_path: Path, local_ray: None) -> None:
+    """The CLI: the new run's study holds the warm trials first, then its own; its record
+    holds only its own trials."""
+    earlier = warm_runs.earlier_run(tmp_path / "first")
+    space_file = write_space(tmp_path, "warm", warm_runs.SPACE)
+    assert run_cli(str(space_file), "--storage", str(tmp_path), "--name", "second",
+                   "--warm-start", str(earlier), "--num-cpus", "2") == 0
+    run_dir = tmp_path / "second"
+    rows = trials_by_id(run_dir)
+    assert len(rows) == 3
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(run_dir / study.STUDY_FILE)))
+    trials = optuna.load_study(study_name="second", storage=storage).trials
+    warm = [t for t in trials if warm_runs.warmstart.RUN_ATTR in t.user_attrs]
+    own = [t for t in trials if warm_runs.warmstart.RUN_ATTR not in t.user_attrs]
+    assert len(warm) == 4 and [t.number for t in warm] == [0, 1, 2, 3]
+    assert sorted(t.user_attrs["trial_id"] for t in own) == sorted(rows)
+    assert all(t.state.is_finished() for t in trials)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.engine import start_sweep, trials_by_id, write_space
+from tune_sana.record.atomic import FAULT_ENV
 from tune_sana.record.readers import read_history
-from tune_sana.record.writer import FAULT_ENV
 
 pytestmark = pytest.mark.slow
 

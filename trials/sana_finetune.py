@@ -18,6 +18,10 @@ Several workers (training/ranks.py): the runtime initialises torch.distributed a
 is agreed across ranks once per step, and every rank stops at the same step with the same cause.
 With one worker ``ranks`` is the default and nothing changes.
 
+Pictures (training/sampling.py): step 0's row carries the base's fixed sample grid and a
+completed trial's summary its own (base64 PNG; ``sample_steps`` 0: none); the driver writes
+them under <run dir>/samples/ and the HTML report shows them.
+
 Damage without NaN (training/damage.py): step 0 also evaluates the base in the checkpoint's
 native precision when the trial computes in another dtype (``damaged_at_load``: a flag), and a
 val loss that stays above collapse_factor x the base ends the trial as ``collapsed``.
@@ -37,7 +41,7 @@ from torch import nn
 from tune_sana.config import TrialConfig, UserError
 from tune_sana.data.encoded import DataSplit, Encoded, load_data
 from tune_sana.device import pick_device, reset_peak_memory
-from tune_sana.outcomes import Cause, Outcome, clean
+from tune_sana.outcomes import BASE_SAMPLES_KEY, SAMPLES_KEY, Cause, Outcome, clean
 from tune_sana.training import damage
 from tune_sana.training import precision as prec
 from tune_sana.training.attention import use_fp32_linear_attention
@@ -50,6 +54,7 @@ from tune_sana.training.models import load_transformer
 from tune_sana.training.optimizer import check_available, make_optimizer
 from tune_sana.training.ranks import FSDP_CAME, Ranks
 from tune_sana.training.runtime import Batches, RunStats
+from tune_sana.training.sampling import SampleGrid
 from tune_sana.training.schedule import lr_scheduler
 from tune_sana.training.validation import FixedValidation
 
@@ -77,6 +82,7 @@ class Parts:
     batches: Batches
     noise_gen: torch.Generator
     stats: RunStats
+    samples: SampleGrid  # the fixed picture grid (sample_steps 0: none)
 
     @property
     def state(self) -> TrainState:
@@ -153,6 +159,12 @@ class Parts:
                 return functools.partial(self.replay_one, self.retain.batch)
         return None
 
+    def sample_grid(self) -> str | None:
+        """The fixed sample grid of the model as it is now (a base64 PNG), or None when
+        sample_steps is 0 or the data has no decoder (training/sampling.py)."""
+        return self.samples.grid(self.net, self.policy.weight_dtype,
+                                 prec.autocast(self.policy, self.device))
+
     def replay_one(self, batch: FlowBatch) -> torch.Tensor:
         """The loss of ``batch`` through the model itself (a replay: no DDP hooks)."""
         with prec.autocast(self.policy, self.device):
@@ -223,6 +235,7 @@ def setup(config: TrialConfig,
         noise_gen=torch.Generator().manual_seed(config.seed),
         stats=RunStats(config, policy, device, n_params=sum(p.numel() for p in params),
                        workers=ranks.world),
+        samples=SampleGrid(data.val, data.meta, config.sample_steps, config.flow_shift, device),
     )
 
 
@@ -242,6 +255,7 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
             return _diverged(p, report, 0, Cause.NONFINITE_METRIC, row, replay)
         p.stats.record_base(row)
         _check_load(p, row["val_loss"])
+        row[BASE_SAMPLES_KEY] = p.sample_grid()  # the driver keeps the first: base.png
         report(row)
         start = 1
     row = {}
@@ -290,7 +304,8 @@ def train(parts: Parts, report: Report, checkpoint: Checkpointer | None = None) 
                 checkpoint.save(functools.partial(p.state.write, next_step=step + 1))
             report(row)
 
-    return p.stats.finish(report, config.steps, Outcome.COMPLETED, {}, row=row)
+    return p.stats.finish(report, config.steps, Outcome.COMPLETED,
+                          {SAMPLES_KEY: p.sample_grid()}, row=row)
 
 
 def _resume(parts: Parts, checkpoint: Checkpointer | None) -> int:

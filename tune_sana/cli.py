@@ -2,7 +2,9 @@
 
 User errors print one line to stderr and exit with status 2; tracebacks are for bugs. A sweep
 stopped by its failure budget (search.max_diverged, engine/budget.py) exits with status 3, its
-finished trials recorded.
+finished trials recorded. A sweep whose record could not be written (a full disk,
+engine/diskfull.py) stops with one line naming the file and the resume command, status 4. Ctrl-C:
+130 (engine/interrupt.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tune_sana.config import (
     read_yaml_mapping,
 )
 from tune_sana.engine import relay, sweep
-from tune_sana.outcomes import Outcome
+from tune_sana.outcomes import BASE_SAMPLES_KEY, SAMPLES_KEY, Outcome
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -47,6 +49,8 @@ def cmd_trial(args: argparse.Namespace) -> int:
         ensure_demo_base()
 
     def report(row: dict[str, Any]) -> None:
+        for key in (SAMPLES_KEY, BASE_SAMPLES_KEY):  # PNG text: a sweep saves it in samples/
+            row.pop(key, None)
         print(json.dumps(row), flush=True)
 
     summary = sana_finetune.run(config, report)
@@ -102,7 +106,19 @@ def _sweep_options(args: argparse.Namespace, resume: bool) -> Any:
         name=args.name, storage=args.storage, address=args.address, resume=resume,
         num_cpus=args.num_cpus, num_gpus=args.num_gpus, dashboard=args.dashboard,
         progress_every_s=args.progress_every, report_every_s=args.report_every,
+        warm_start=tuple(getattr(args, "warm_start", None) or ()),
+        track=_trackers(args, resume),
     )
+
+
+def _trackers(args: argparse.Namespace, resume: bool) -> tuple[str, ...]:
+    """--track's trackers, checked (engine/trackers.py: imported only when one is named)."""
+    names = getattr(args, "track", None) or []
+    if not names:
+        return ()
+    from tune_sana.engine import trackers
+
+    return trackers.check(names, resume=resume, storage=args.storage)
 
 
 def _finish_sweep(run_dir: Path | str) -> int:
@@ -244,6 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
                            f"s3://bucket/path) holding runs (default: ./{sweep.DEFAULT_STORAGE})")
     sweep_cmd.add_argument("--resume", action="store_true",
                            help="continue the run named by --name (default: this space's newest)")
+    sweep_cmd.add_argument("--warm-start", dest="warm_start", action="append", metavar="RUN_DIR",
+                           help="seed the Optuna search with the finished trials of an earlier "
+                           "run of the same space keys (repeatable)")
+    sweep_cmd.add_argument("--track", action="append", metavar="TRACKER",
+                           help="also log every step to tensorboard, mlflow or wandb "
+                           "(repeatable; files under the run directory, W&B offline unless "
+                           "logged in)")
     _add_ray_options(sweep_cmd)
     sweep_cmd.set_defaults(func=cmd_sweep)
 

@@ -130,6 +130,10 @@ class TrialConfig(BaseModel):
     val_draws: int = Field(
         4, ge=1, description="fixed draws of noise and timesteps the validation loss averages"
     )
+    sample_steps: int = Field(
+        10, ge=0, le=1000, description="Euler steps of the fixed sample grid a completed trial "
+        "draws (and the base at step 0: training/sampling.py); 0 = no pictures"
+    )
     on_nonfinite: OnNonfinite = OnNonfinite.STOP
     max_skips: int = Field(0, ge=0, description="non-finite steps skipped before diverging")
     loss_spike_factor: float | None = Field(

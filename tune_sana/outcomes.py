@@ -76,3 +76,13 @@ def clean(value: float | None) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+# Sample grids (training/sampling.py) travel as base64 PNG text in a trial's rows: a completed
+# trial's summary row carries its own under SAMPLES_KEY, its step-0 row the base's under
+# BASE_SAMPLES_KEY. The driver writes them to <run dir>/SAMPLES_DIR/<trial id>.png and
+# <run dir>/SAMPLES_DIR/BASE_SAMPLES.png (engine/samples.py); the HTML report shows them.
+SAMPLES_KEY = "samples_png"
+BASE_SAMPLES_KEY = "base_samples_png"
+SAMPLES_DIR = "samples"
+BASE_SAMPLES = "base"

@@ -15,6 +15,8 @@
 - ``curves.png``: validation loss against step for the top trials, and for the diverged trials
   that looked best, up to their divergence; curves start at the step-0 row (the base), which
   is also drawn as a line. One row per run dir.
+- the HTML report's sample grids (analysis/samples.py), each beside its trial's own small
+  validation-loss curve (``trial_curve``).
 - ``causes.png``: diverged and collapsed trials by cause (a collapse's is ``loss_collapse``), and
   diverged ones by first non-finite module, one bar per run dir.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from tune_sana.analysis import frontier as frontier_mod
 from tune_sana.analysis.runs import Run
+from tune_sana.analysis.samples import Gallery, gallery
 from tune_sana.analysis.tables import PRECISION_ORDER, divergence_causes, ranking
 from tune_sana.config import UserError
 from tune_sana.outcomes import FINITE, INFEASIBLE, Outcome, Verdict
@@ -517,6 +520,39 @@ def causes_chart(runs: Sequence[Run]) -> Figure:
                         for r, (_, _, m) in zip(runs, results, strict=True))
     fig.suptitle(f"Why trials diverged or collapsed (median step they ended at: {medians})")
     return fig
+
+
+# --- sample grids beside their curves -------------------------------------------------------
+
+def trial_curve(run: Run, trial_id: str) -> Figure:
+    """One trial's validation loss against step (from step 0, the base), small, with the
+    base as a dashed line: what sits beside the trial's sample grid in the HTML report."""
+    fig = Figure(figsize=(3.6, 2.1), layout="constrained")
+    ax = fig.subplots()
+    data = _curves(run, [trial_id])
+    _draw_base(ax, run.trials.filter(pc.equal(run.trials["trial_id"], trial_id)))
+    if trial_id in data:
+        steps, vals = data[trial_id]
+        ax.plot(steps, vals, marker=".", markersize=3, linewidth=1.2, color=LINE_COLOURS[0])
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("val loss", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_xlim(left=0)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def galleries(runs: Sequence[Run], top: int = 8) -> list[Gallery]:
+    """Each run's sample grids (analysis/samples.py) with each trial's curve drawn beside its
+    grid; runs without any grid are left out."""
+    out = []
+    for run in runs:
+        found = gallery(run, top)
+        if found is None:
+            continue
+        rows = [replace(row, curve=_png(trial_curve(run, row.trial_id))) for row in found.rows]
+        out.append(replace(found, rows=rows))
+    return out
 
 
 # --- all of them -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from tune_sana.analysis.samples import ABOUT, Gallery
 from tune_sana.analysis.tables import Section
 
 LR_COLUMNS = ("lr", "stable_lr", "diverged_lr")
@@ -106,14 +107,43 @@ def render_text(sections: Sequence[Section]) -> str:
     return "\n\n".join(_text_block(s) for s in sections) + "\n"
 
 
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _gallery_html(galleries: Sequence[Gallery]) -> list[str]:
+    """The sample grids: per run, the base's grid, then each top trial's curve and grid."""
+    if not galleries:
+        return []
+    parts = ["<h2>Samples: what each top trial learned</h2>",
+             f"<p class=note>{html.escape(ABOUT)}</p>"]
+    for found in galleries:
+        parts.append(f"<h3>{html.escape(found.label)}</h3><table class=samples>"
+                     "<tr><th>trial</th><th>validation loss</th><th>samples</th></tr>")
+        if found.base is not None:
+            parts.append("<tr><td>base (before fine-tuning)</td><td></td><td><img class=grid "
+                         f"alt='base samples' src='{_data_uri(found.base)}'></td></tr>")
+        for row in found.rows:
+            curve = (f"<img class=curve alt='{html.escape(row.trial_id)} curve' "
+                     f"src='{_data_uri(row.curve)}'>" if row.curve is not None else "")
+            parts.append(f"<tr><td>{html.escape(row.caption)}</td><td>{curve}</td><td>"
+                         f"<img class=grid alt='{html.escape(row.trial_id)} samples' "
+                         f"src='{_data_uri(row.grid)}'></td></tr>")
+        parts.append("</table>")
+    return parts
+
+
 def render_html(sections: Sequence[Section], images: Mapping[str, bytes],
-                title: str = "tune-sana report") -> str:
-    """One self-contained page: every table, then every PNG inlined as base64."""
+                title: str = "tune-sana report", galleries: Sequence[Gallery] = ()) -> str:
+    """One self-contained page: every table, the sample grids (each top trial's beside its
+    curve, the base's first), then every chart; every PNG inlined as a data: URI."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              "</title><style>body{font-family:sans-serif;margin:2em}"
              "table{border-collapse:collapse;margin-bottom:.5em}"
              "td,th{border:1px solid #ccc;padding:2px 8px}td.n{text-align:right}"
-             "p.note{color:#555;font-size:90%}img{max-width:100%}</style></head><body>",
+             "p.note{color:#555;font-size:90%}img{max-width:100%}"
+             "img.grid{height:136px;max-width:none;image-rendering:pixelated}"
+             "table.samples td{vertical-align:middle}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         parts.append(f"<h2>{html.escape(section.title)}</h2><table>")
@@ -133,9 +163,9 @@ def render_html(sections: Sequence[Section], images: Mapping[str, bytes],
         parts.append("</table>")
         parts += [f"<p class=note>{html.escape(line)}</p>" for line in section.note.splitlines()]
         parts += [f"<p>{html.escape(line)}</p>" for line in section.text.splitlines()]
+    parts += _gallery_html(galleries)
     for name, png in images.items():
-        data = base64.b64encode(png).decode()
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' "
-                     f"src='data:image/png;base64,{data}'>")
+                     f"src='{_data_uri(png)}'>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -38,7 +38,8 @@ def report(run_dirs: Sequence[str | os.PathLike[str]], top: int = 10,
         text += "\nplots: " + ", ".join(str(p) for p in written) + "\n"
     if html_file is not None:
         page = render_html(sections, images,
-                           "tune-sana report: " + ", ".join(r.label for r in runs))
+                           "tune-sana report: " + ", ".join(r.label for r in runs),
+                           galleries=plots.galleries(runs, top=min(top, 8)))
         target = Path(html_file)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,13 @@ import pyarrow.compute as pc
 
 from tune_sana.analysis.noise import SEARCH
 from tune_sana.config import TrialConfig, UserError
-from tune_sana.record.readers import RunSpec, read_history, read_run_spec, read_trial_columns
+from tune_sana.record.readers import (
+    RunSpec,
+    history_trial_ids,
+    read_history,
+    read_run_spec,
+    read_trial_columns,
+)
 from tune_sana.record.schema import CONFIG_NAMES
 from tune_sana.record.storage import Location, is_uri
 
@@ -116,7 +122,7 @@ def _running(run_dir: str | os.PathLike[str] | Location,
     rows: trial_id, best_val_loss (min of the non-null val_loss after step 0; null if none),
     base_val_loss (step 0's val_loss: the untouched base), improvement, steps_run (the last
     step: updates done), wall_time_s; sorted by trial_id."""
-    ids = read_history(run_dir, columns=["trial_id"]).column(0).unique()
+    ids = history_trial_ids(run_dir)  # streamed: no column of ten million strings
     done = finished.combine_chunks() if isinstance(finished, pa.ChunkedArray) else finished
     running = ids.filter(pc.invert(pc.is_in(ids, value_set=done)))
     if len(running) == 0:

@@ -189,6 +189,12 @@ def demo_encode_images(images: torch.Tensor) -> torch.Tensor:
     return F.pixel_unshuffle(images, 2)
 
 
+def demo_decode_images(latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`demo_encode_images` (depth-to-space), exact: (N, 12, 8, 8) ->
+    (N, 3, 16, 16). Values pass through unchanged (NaN stays NaN)."""
+    return F.pixel_shuffle(latents, 2)
+
+
 def demo_encode_text(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo's fixed text encoder: a seeded embedding per word plus a position code.
 

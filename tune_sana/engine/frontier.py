@@ -397,9 +397,9 @@ class FrontierSearcher(Searcher):
             return
         import pyarrow as pa
 
+        from tune_sana.record.atomic import write_atomic
         from tune_sana.record.schema import FRONTIER_FILE, FRONTIER_SCHEMA, file_metadata
         from tune_sana.record.storage import Location
-        from tune_sana.record.writer import write_atomic
 
         table = pa.Table.from_pylist(self.rows(), schema=FRONTIER_SCHEMA.with_metadata(
             file_metadata(self._spec_yaml)))

@@ -10,7 +10,6 @@ for a frontier search's probes), its ``config_id`` (engine/confirm.py) and, for 
 
 from __future__ import annotations
 
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,10 +21,13 @@ from ray.tune import Callback
 
 from tune_sana.config import Precision, TrialConfig
 from tune_sana.engine.confirm import STAGE_SEARCH, config_id
+from tune_sana.engine.diskfull import stops_on_write_error
 from tune_sana.engine.frontier import combo_id
+from tune_sana.engine.progress import Progress, Snapshot, eta_s
 from tune_sana.engine.relay import unpack
+from tune_sana.engine.samples import keep as keep_samples
 from tune_sana.engine.space import TRIAL_CONFIG_TRIALS, SweepSpec
-from tune_sana.outcomes import FINISHED, FINITE, TRIAL_VERDICTS, Outcome
+from tune_sana.outcomes import FINITE, TRIAL_VERDICTS, Outcome
 from tune_sana.record.writer import ResultsWriter
 
 # Keys Ray adds to every result; they are not the trial's metrics.
@@ -80,8 +82,10 @@ class ResultsRecorder(Callback):
         self._tracks: dict[str, _Track] = {}
         self._counts: Counter[str] = Counter()
         self._best: tuple[float, str] | None = None
-        self._last_print = 0.0
         self._started = time.time()
+        self._total: int | None = None  # trials the sweep runs in all (Ray's setup says)
+        self._finished_before: int | None = None  # finished when this driver began
+        self._view = Progress(self.progress_every_s, self._stream)  # engine/progress.py
         # Trials that take a TrialConfig have a precision / checkpoint-variant pairing.
         self._paired = _trial_of(self.spec_yaml) in TRIAL_CONFIG_TRIALS
 
@@ -116,13 +120,16 @@ class ResultsRecorder(Callback):
 
     # --- Tune hooks --------------------------------------------------------------------------
 
+    @stops_on_write_error  # a failed write ends the sweep (engine/diskfull.py); so below
     def setup(self, *args: Any, **info: Any) -> None:
         _ = self.writer
+        self._total = info.get("total_num_samples")
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._tracks[trial.trial_id] = _Track()
         self._progress(trials)
 
+    @stops_on_write_error
     def on_trial_result(self, iteration: int, trials: list[Any], trial: Any,
                         result: dict[str, Any], **info: Any) -> None:
         if trial.trial_id in self.writer.resumed:
@@ -131,10 +138,14 @@ class ResultsRecorder(Callback):
         for row in _rows(result):
             if row.get("outcome") == Outcome.ERROR:
                 continue  # the error row is a verdict, not a step: on_trial_complete records it
+            keep_samples(self.run_dir, trial.trial_id, row)  # pictures: samples/, not Parquet
             track.update(row)
             self.writer.add_step(trial.trial_id, row)
+        if result.get("should_checkpoint"):  # on disk before Ray records the checkpoint: a
+            self.writer.flush()  # resume from it must find every row before it (diskfull.py)
         self._progress(trials)
 
+    @stops_on_write_error
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any,
                           **info: Any) -> None:
         track = self._tracks.pop(trial.trial_id, _Track())
@@ -148,6 +159,7 @@ class ResultsRecorder(Callback):
         self._finish(trial, track, summary)
         self._progress(trials, force=True)
 
+    @stops_on_write_error
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any,
                        **info: Any) -> None:
         track = self._tracks.pop(trial.trial_id, _Track())
@@ -156,9 +168,15 @@ class ResultsRecorder(Callback):
         self._finish(trial, track, summary)
         self._progress(trials, force=True)
 
+    @stops_on_write_error
     def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-        self.writer.flush()
+        self.writer.compact()  # the sweep's small files folded into few (record/compaction.py)
         self._progress(trials, force=True)
+        self._view.close()
+
+    @stops_on_write_error  # raises once a write failed: Ray then saves no experiment state
+    def get_state(self) -> dict[str, Any] | None:
+        return None
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -187,25 +205,28 @@ class ResultsRecorder(Callback):
                 self._best = (float(best), trial.trial_id)
 
     def _progress(self, trials: list[Any], force: bool = False) -> None:
-        now = time.time()
-        if not force and now - self._last_print < self.progress_every_s:
-            return
-        self._last_print = now
-        running = sum(1 for t in trials if t.status == "RUNNING")
-        pending = sum(1 for t in trials if t.status == "PENDING")
-        parts = [f"running {running}", f"pending {pending}"] + [
-            f"{name} {self._counts.get(name, 0)}" for name in FINISHED
-        ]
-        best = (f" | best val_loss {self._best[0]:.4g} ({self._best[1]})"
-                if self._best and not self.combo_keys else "")  # a frontier ranks nothing
-        stream = self._stream or sys.stderr
-        print(f"[{now - self._started:6.0f}s] " + " | ".join(parts) + best, file=stream,
-              flush=True)
+        """The progress table or line (engine/progress.py)."""
+        running = [t.trial_id for t in trials if t.status == "RUNNING"]
+        finished = sum(1 for t in trials if t.status in ("TERMINATED", "ERROR"))
+        if self._finished_before is None:
+            self._finished_before = finished  # a resumed run's earlier trials: not this rate
+        elapsed = time.time() - self._started
+        self._view.show(Snapshot(
+            elapsed_s=elapsed, running=len(running),
+            pending=sum(1 for t in trials if t.status == "PENDING"), counts=dict(self._counts),
+            best=None if self.combo_keys else self._best,  # a frontier ranks nothing
+            finished=finished, total=self._total,
+            eta_s=eta_s(self._total, finished, self._finished_before, elapsed),
+            steps=tuple((i, self._tracks[i].steps if i in self._tracks else None)
+                        for i in running)), force=force)
 
 
 def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The trial's rows in one Ray result (several when the relay batched them)."""
     return unpack({k: v for k, v in result.items() if k not in _RAY_KEYS})
+
+
+step_rows = _rows  # the same, for the trackers (engine/trackers.py)
 
 
 def _trial_of(spec_yaml: str) -> str:

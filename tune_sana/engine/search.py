@@ -54,11 +54,12 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
 
     Given a ``storage`` that already holds the study (a resume that starts Ray afresh), the
     study is loaded, not duplicated: its starting points are not queued again, and its RUNNING
-    trials, which no Ray trial will finish now, are told FAIL.
+    trials, which no Ray trial will finish now, are told FAIL. ``warm``: the finished trials of
+    earlier runs (engine/warmstart.py), told to a fresh study before its starting points.
     """
 
     def __init__(self, *args: Any, points: list[dict[str, Any]] | None = None,
-                 **kwargs: Any) -> None:
+                 warm: Any = None, spec: SweepSpec | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._worst: float | None = None
         study: Any = getattr(self, "_ot_study", None)
@@ -70,10 +71,18 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
                 if trial.value is not None and _infeasible(trial.user_attrs) is None:
                     self._note_finite(float(trial.value))  # completed or pruned
             return
+        from tune_sana.engine import warmstart
+
+        if warm is not None and warm.trials and spec is not None:
+            for trial in warm.trials:
+                if trial.outcome not in (DIVERGED_ATTR, COLLAPSED_ATTR) and trial.last is not None:
+                    self._note_finite(trial.last)
+            warmstart.tell(study, spec, warm, self._penalty)
         # Starting points go into the study's queue: Optuna asks them first, in order, and draws
         # the keys a point leaves out (Ray's own points_to_evaluate insists on every key).
         for point in points or []:
-            study.enqueue_trial(point)
+            if not warmstart.covers(warm, point):  # a point some warm trial ran is told already
+                study.enqueue_trial(point)
 
     def _penalty(self) -> float:
         if self._worst is None:
@@ -245,13 +254,13 @@ def tpe_sampler(seed: int | None, n_startup_trials: int) -> optuna.samplers.TPES
         return PrunedByValueTPE(**kwargs, gamma=good_trials)
 
 
-def build_searcher(spec: SweepSpec, run_dir: str | None = None
+def build_searcher(spec: SweepSpec, run_dir: str | None = None, warm: Any = None
                    ) -> tuple[Searcher, dict[str, Any]]:
     """(search_alg, param_space for the Tuner). Optuna and frontier hold their own space (the
     frontier searcher writes frontier.parquet into ``run_dir``; Optuna's study is stored there,
     in memory without a ``run_dir``); grid and random use Ray's variant generator over the
     param_space. All but frontier run search.points_to_evaluate
-    first."""
+    first. ``warm``: an Optuna search's warm start (engine/warmstart.py)."""
     from tune_sana.engine.space import ray_space, starting_points
 
     if spec.search.algorithm == "frontier":
@@ -267,7 +276,7 @@ def build_searcher(spec: SweepSpec, run_dir: str | None = None
             where = {"storage": stored.storage(run_dir), "study_name": stored.study_name(run_dir)}
         searcher = DivergenceAwareOptunaSearch(
             space=optuna_space(spec), metric=spec.metric, mode=spec.mode, sampler=sampler,
-            points=starting_points(spec), **where,
+            points=starting_points(spec), warm=warm, spec=spec, **where,
         )
         return searcher, {}
     generator: Any = BasicVariantGenerator(random_state=spec.search.seed,

@@ -48,6 +48,8 @@ class SweepOptions:
     progress_every_s: float = PROGRESS_EVERY_S
     report_every_s: float = relay.EVERY_S
     connect_timeout_s: float = 30.0
+    warm_start: tuple[str, ...] = ()  # earlier runs whose trials seed the searcher
+    track: tuple[str, ...] = ()  # trackers fed every step row (engine/trackers.py)
 
 
 def _trainable(config: dict[str, Any], *, fixed: dict[str, Any], trial: str, cpus: float,
@@ -392,10 +394,11 @@ def _storage_filesystem(run_dir: str | os.PathLike[str], options: SweepOptions) 
 
 
 def _run_config(spec: SweepSpec, experiment: Location, recorder: Any,
-                budget: Any = None, filesystem: Any = None) -> Any:
+                budget: Any = None, filesystem: Any = None, trackers: list[Any] | None = None
+                ) -> Any:
     """Where a stage's Ray experiment goes, and how its trials stop, fail and checkpoint;
     ``budget`` (engine/budget.py) is both a stopper and a callback; ``filesystem``: Ray's
-    storage filesystem (_storage_filesystem)."""
+    storage filesystem (_storage_filesystem); ``trackers``: engine/trackers.py's callbacks."""
     from ray import tune
     from ray.tune.stopper import CombinedStopper
 
@@ -403,20 +406,23 @@ def _run_config(spec: SweepSpec, experiment: Location, recorder: Any,
     from tune_sana.engine.stopping import DivergenceStopper
 
     stop: Any = DivergenceStopper()
+    trackers = trackers or []
     if budget is not None:
         stop = CombinedStopper(stop, budget)
     return tune.RunConfig(
         name=experiment.name, storage_path=experiment.parent.text, stop=stop,
         storage_filesystem=filesystem,
-        callbacks=[recorder, StopTune(), *([] if budget is None else [budget])], verbose=0,
+        callbacks=[recorder, StopTune(), *([] if budget is None else [budget]), *trackers],
+        verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
     )
 
 
 def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: SweepOptions,
-                restore: bool) -> Any:
-    """The Tuner (fresh, or restored from ``run_dir``: a local folder or a URI)."""
+                restore: bool, warm: Any = None) -> Any:
+    """The Tuner (fresh, or restored from ``run_dir``: a local folder or a URI); ``warm``: the
+    fresh searcher's warm start (engine/warmstart.py)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -434,7 +440,7 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
             study.journal_path(run_dir)  # a URI run's study, fetched if no local copy has it
         return tune.Tuner.restore(location.text, trainable, resume_unfinished=True,
                                   resume_errored=True, storage_filesystem=filesystem)
-    searcher, param_space = build_searcher(spec, str(run_dir))
+    searcher, param_space = build_searcher(spec, str(run_dir), warm=warm)
     if spec.search.algorithm in ("optuna", "frontier"):
         # Limit concurrency in the searcher itself: Tuner.restore keeps the searcher, but drops
         # TuneConfig.max_concurrent_trials (it sees an already wrapped search algorithm).
@@ -457,8 +463,17 @@ def build_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str], options: Sweep
             num_samples=spec.search.num_samples, reuse_actors=True,
         ),
         run_config=_run_config(spec, location, recorder, failure_budget(spec, run_dir),
-                               filesystem=filesystem),
+                               filesystem=filesystem, trackers=_trackers(run_dir, options)),
     )
+
+
+def _trackers(run_dir: str | os.PathLike[str], options: SweepOptions) -> list[Any]:
+    """The --track callbacks (engine/trackers.py); none without --track."""
+    if not options.track:
+        return []
+    from tune_sana.engine import trackers
+
+    return trackers.callbacks(options.track, run_dir, Location.of(run_dir).name)
 
 
 def _stage_of(spec: SweepSpec) -> dict[str, Any]:
@@ -501,7 +516,8 @@ def build_confirm_tuner(spec: SweepSpec, run_dir: str | os.PathLike[str],
             metric=spec.metric, mode=spec.mode, search_alg=searcher, scheduler=FIFOScheduler(),
             num_samples=len(replicas), reuse_actors=True,
         ),
-        run_config=_run_config(spec, experiment, recorder, filesystem=filesystem),
+        run_config=_run_config(spec, experiment, recorder, filesystem=filesystem,
+                               trackers=_trackers(run_dir, options)),
     )
 
 
@@ -593,17 +609,36 @@ def _run_held(spec: SweepSpec, options: SweepOptions, run_dir: Path | str) -> Pa
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or "
                         "choose another --name")
     preflight.check_scheduler(spec)
+    warm = _warm_start(spec, options)
     preflight.check_local(spec)  # also builds the demo base once, if a trial uses it
     init_ray(options)
     preflight.check_cluster(spec)
-    from tune_sana.engine import interrupt
+    from tune_sana.engine import diskfull, interrupt
 
-    with interrupt.SignalStop(run_dir, options) as stop:  # after ray.init sets its SIGTERM one
-        return _run_recorded(spec, options, run_dir, stop)
+    # SignalStop after ray.init sets its SIGTERM one; a failed record write (a full disk) stops
+    # the sweep with its own line (engine/diskfull.py).
+    with interrupt.SignalStop(run_dir, options) as stop, diskfull.stops(run_dir, options):
+        return _run_recorded(spec, options, run_dir, stop, warm)
+
+
+def _warm_start(spec: SweepSpec, options: SweepOptions) -> Any:
+    """The --warm-start runs' trials (engine/warmstart.py), read and checked before anything is
+    written; None without --warm-start."""
+    if not options.warm_start:
+        return None
+    from tune_sana.engine import warmstart
+
+    warm = warmstart.load(spec, options.warm_start)
+    if options.resume:
+        _say("--warm-start: a resumed sweep keeps the warm trials its study already holds; "
+             "none are added")
+        return None
+    _say(warm.describe())
+    return warm
 
 
 def _run_recorded(spec: SweepSpec, options: SweepOptions, run_dir: Path | str,
-                  stop: Any) -> Path | str:
+                  stop: Any, warm: Any = None) -> Path | str:
     """The sweep writing its run: the spec, the search, the confirm stage. ``stop``
     (interrupt.SignalStop): a signal ends Tune's loop quietly, so it is checked around fit."""
     if not options.resume:
@@ -613,7 +648,7 @@ def _run_recorded(spec: SweepSpec, options: SweepOptions, run_dir: Path | str,
     # leaves nothing to restore, and the sweep starts afresh in the same run directory.
     restore = options.resume and bool(
         Location.of(run_dir).entries(prefix="experiment_state-", suffix=".json", dirs=False))
-    tuner = build_tuner(spec, run_dir, options, restore=restore)
+    tuner = build_tuner(spec, run_dir, options, restore=restore, warm=warm)
     stop.check()
     tuner.fit()
     stop.check()

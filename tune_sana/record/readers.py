@@ -11,27 +11,39 @@ the copy of the spec in trials.parquet's metadata) and note each one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import yaml
 
 from tune_sana.config import UserError
 from tune_sana.record.schema import (
+    COMPACT_PREFIX,
+    COVERS_KEY,
     FRONTIER_FILE,
     FRONTIER_SCHEMA,
     HISTORY_DIR,
     HISTORY_SCHEMA,
     SPEC_FILE,
     TRIALS_FILE,
+    TRIALS_PARTS_DIR,
     TRIALS_SCHEMA,
 )
 from tune_sana.record.storage import Location
+
+_T = TypeVar("_T")
+# Files per pyarrow scan of trial parts: many tiny files in one scan hold ~0.25 MB each.
+_SCAN_FILES = 128
+# How often a reader lists the files again when a compaction deleted one it had listed.
+_RETRIES = 20
 
 # The trial program a spec runs when it names none (SweepSpec's default).
 DEFAULT_TRIAL = "sana_finetune"
@@ -88,9 +100,12 @@ def _unreadable(location: Location, err: BaseException, fix: str = _RESTORE) -> 
 
 
 def _read_table(location: Location, columns: list[str] | None = None) -> pa.Table | None:
-    """The Parquet file at ``location``; None where it is corrupt and skipped."""
+    """The Parquet file at ``location``; None where it is corrupt and skipped.
+    FileNotFoundError where it is gone (a compaction deleted it after it was listed)."""
     try:
         return location.read_table(columns=columns)
+    except FileNotFoundError:
+        raise
     except _UNREADABLE as err:
         _corrupt(_unreadable(location, err))
         return None
@@ -100,9 +115,37 @@ def _read_schema(location: Location) -> pa.Schema | None:
     """The Parquet file's schema (its footer); None where it is corrupt and skipped."""
     try:
         return location.read_schema()
+    except FileNotFoundError:
+        raise
     except _UNREADABLE as err:
         _corrupt(_unreadable(location, err))
         return None
+
+
+def covers(metadata: Mapping[bytes, bytes] | None) -> frozenset[str]:
+    """The part file names a compacted file's metadata says it holds (none where it says
+    nothing)."""
+    raw = (metadata or {}).get(COVERS_KEY)
+    return frozenset(json.loads(raw)) if raw else frozenset()
+
+
+def _retrying(read: Callable[[], _T]) -> _T:
+    """``read()``, again while a file it listed vanished under it: a compaction renamed its
+    file into place and deleted the parts it holds between the listing and the read. The next
+    listing sees the compacted file, so the retried read is whole again."""
+    for _ in range(_RETRIES - 1):
+        try:
+            return read()
+        except FileNotFoundError:
+            continue
+    return read()
+
+
+def trials_recorded(run_dir: str | os.PathLike[str] | Location) -> bool:
+    """Whether any trial has finished: trials.parquet or a trial part exists."""
+    folder = Location.of(run_dir)
+    return ((folder / TRIALS_FILE).is_file()
+            or bool((folder / TRIALS_PARTS_DIR).entries(suffix=".parquet", dirs=False)))
 
 
 def _require_run_dir(run_dir: Location) -> None:
@@ -115,17 +158,76 @@ def _require_run_dir(run_dir: Location) -> None:
 
 def read_trials(run_dir: str | os.PathLike[str] | Location,
                 columns: list[str] | None = None) -> pa.Table:
-    """trials.parquet (an empty TRIALS_SCHEMA table while no trial has finished, or where the
-    file is corrupt and skipped). ``run_dir``: a local folder or a URI. CorruptFile where the
-    file cannot be read."""
+    """Every finished trial, once: trials.parquet and the trial parts written since it was
+    last compacted (trials_parts/; those its metadata covers are skipped), a trial in both
+    as its newest row. An empty TRIALS_SCHEMA table while no trial has finished, or where the
+    files are corrupt and skipped. ``run_dir``: a local folder or a URI. CorruptFile where a
+    file cannot be read.
+
+    The parts are listed before trials.parquet is read, so a compaction running meanwhile is
+    seen either not at all or whole (a part it deleted after the listing: listed again)."""
     folder = Location.of(run_dir)
     _require_run_dir(folder)
-    path = folder / TRIALS_FILE
-    table = _read_table(path, columns) if path.is_file() else None
+    return _retrying(lambda: _read_trials_once(folder, columns))
+
+
+def _read_trials_once(folder: Location, columns: list[str] | None) -> pa.Table:
+    parts = (folder / TRIALS_PARTS_DIR).entries(suffix=".parquet", dirs=False)
+    table, covered = trials_with_parts(folder, parts, columns)
     if table is None:
         empty = TRIALS_SCHEMA.empty_table()
         return empty.select(columns) if columns else empty
     return table
+
+
+def trials_with_parts(folder: Location, parts: Sequence[Location],
+                      columns: list[str] | None = None,
+                      base: bool = True) -> tuple[pa.Table | None, frozenset[str]]:
+    """(trials.parquet (unless not ``base``) united with ``parts`` that it does not cover, less
+    the single parts a batch part among them covers, a trial in several as its newest row;
+    the part names trials.parquet covers). None when there is no row to read."""
+    path = folder / TRIALS_FILE
+    base_table = _read_table(path, columns) if base and path.is_file() else None
+    covered = covers(base_table.schema.metadata) if base_table is not None else frozenset()
+    tables = [base_table] if base_table is not None else []
+    batched: set[str] = set()  # single parts a batch-* part holds (compaction.batch_trials)
+    for part in parts:
+        if part.name.startswith(COMPACT_PREFIX) and part.name not in covered:
+            schema = _read_schema(part)
+            batched |= covers(schema.metadata if schema is not None else None)
+    # batches first: every single part left beside a batch is newer than its rows
+    new = sorted((p for p in parts if p.name not in covered and p.name not in batched),
+                 key=lambda p: (not p.name.startswith(COMPACT_PREFIX), p.name))
+    for start in range(0, len(new), _SCAN_FILES):
+        chunk = new[start:start + _SCAN_FILES]
+        try:
+            scanned = ds.dataset([p.path for p in chunk], schema=TRIALS_SCHEMA,
+                                 format="parquet", filesystem=folder.fs).to_table(columns=columns)
+            tables.append(scanned)
+        except FileNotFoundError:
+            raise
+        except _UNREADABLE:  # a corrupt part: read one at a time, to name it
+            tables += [t for t in (_read_table(p, columns) for p in chunk) if t is not None]
+    if not tables:
+        return None, covered
+    meta = tables[0].schema.metadata
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 \
+        else tables[0]
+    return _newest_per_trial(table).replace_schema_metadata(meta), covered
+
+
+def _newest_per_trial(table: pa.Table) -> pa.Table:
+    """One row per trial_id: its last one (rows come oldest first). Unchanged when every
+    trial_id is distinct already (the common case, checked without a Python loop)."""
+    if "trial_id" not in table.column_names or table.num_rows == 0:
+        return table
+    if pc.count_distinct(table["trial_id"]).as_py() == table.num_rows:
+        return table
+    index = pa.table({"trial_id": table["trial_id"],
+                      "row": pa.array(range(table.num_rows), pa.int64())})
+    last = index.group_by("trial_id", use_threads=False).aggregate([("row", "max")])
+    rows = last["row_max"]
+    return table.take(pc.take(rows, pc.sort_indices(rows)))
 
 
 def read_trial_columns(run_dir: str | os.PathLike[str] | Location,
@@ -149,14 +251,37 @@ _PART_FIX = ("tune-sana resume moves it into quarantine/; tune-sana report --ski
              "reports the rest")
 
 
+def history_files(run_dir: str | os.PathLike[str] | Location) -> list[Location]:
+    """The history files that hold rows no other one holds, in name order: every part and
+    compact-* file, less the parts a compact-* file covers (a compaction that was killed
+    between renaming its file into place and deleting the parts). A compact-* file whose
+    footer cannot be read covers nothing (the scan names it)."""
+    files = (Location.of(run_dir) / HISTORY_DIR).entries(suffix=".parquet", dirs=False)
+    covered: set[str] = set()
+    for file in files:
+        if file.name.startswith(COMPACT_PREFIX):
+            try:
+                covered |= covers(file.read_schema().metadata)
+            except FileNotFoundError:
+                raise
+            except _UNREADABLE:
+                continue
+    return [f for f in files if f.name not in covered]
+
+
 def corrupt_parts(run_dir: str | os.PathLike[str] | Location) -> list[CorruptFile]:
-    """The history parts that cannot be read whole (every page of every column read, one part
+    """The history files that cannot be read whole (every page of every column read, one file
     at a time), in name order."""
-    folder = Location.of(run_dir)
+    return _retrying(lambda: _corrupt_parts_once(Location.of(run_dir)))
+
+
+def _corrupt_parts_once(folder: Location) -> list[CorruptFile]:
     bad = []
-    for part in (folder / HISTORY_DIR).entries(suffix=".parquet", dirs=False):
+    for part in history_files(folder):
         try:
             part.read_table()
+        except FileNotFoundError:
+            raise
         except _UNREADABLE as err:
             bad.append(_unreadable(part, err, _PART_FIX))
     return bad
@@ -166,12 +291,29 @@ def read_history(run_dir: str | os.PathLike[str] | Location, columns: list[str] 
                  trial_ids: Sequence[str] | None = None) -> pa.Table:
     """All history rows (column projection and a trial filter pushed into the scan).
     CorruptFile naming the first part that cannot be read; inside :func:`skipping_corrupt`,
-    the rows of the parts that can."""
+    the rows of the parts that can. Each row once, also while a compaction runs
+    (:func:`history_files`; a file deleted after the listing: listed again)."""
     folder = Location.of(run_dir)
     _require_run_dir(folder)
-    files = [f.path for f in (folder / HISTORY_DIR).entries(suffix=".parquet", dirs=False)]
+    return _retrying(lambda: _read_history_once(
+        folder, lambda files: _scan(folder, files, columns, trial_ids)))
+
+
+def history_trial_ids(run_dir: str | os.PathLike[str] | Location) -> pa.Array:
+    """The distinct trial ids in history/ (string, in no set order), streamed: trial_id read
+    as the dictionary Parquet stores it, batch by batch, so ten million rows take a pass over
+    integer codes and never a column of strings. Corrupt parts as :func:`read_history`."""
+    folder = Location.of(run_dir)
+    _require_run_dir(folder)
+    return _retrying(lambda: _read_history_once(folder, lambda files: _scan_ids(folder, files)))
+
+
+def _read_history_once(folder: Location, scan: Callable[[list[str]], _T]) -> _T:
+    files = [f.path for f in history_files(folder)]
     try:
-        return _scan(folder, files, columns, trial_ids)
+        return scan(files)
+    except FileNotFoundError:
+        raise
     except _UNREADABLE:
         bad = corrupt_parts(folder)
         if not bad:
@@ -179,7 +321,7 @@ def read_history(run_dir: str | os.PathLike[str] | Location, columns: list[str] 
     for err in bad:
         _corrupt(err)
     left_out = {err.location.path for err in bad}
-    return _scan(folder, [f for f in files if f not in left_out], columns, trial_ids)
+    return scan([f for f in files if f not in left_out])
 
 
 def _scan(folder: Location, files: list[str], columns: list[str] | None,
@@ -190,6 +332,27 @@ def _scan(folder: Location, files: list[str], columns: list[str] | None,
     dataset = ds.dataset(files, schema=HISTORY_SCHEMA, format="parquet", filesystem=folder.fs)
     flt = ds.field("trial_id").isin(list(trial_ids)) if trial_ids is not None else None
     return dataset.to_table(columns=columns, filter=flt)
+
+
+def _scan_ids(folder: Location, files: list[str]) -> pa.Array:
+    if not files:
+        return pa.array([], pa.string())
+    fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(
+        dictionary_columns={"trial_id"}))
+    dataset = ds.dataset(files, schema=HISTORY_SCHEMA, format=fmt, filesystem=folder.fs)
+    found = []
+    for batch in dataset.to_batches(columns=["trial_id"]):
+        column = batch.column(0)
+        if isinstance(column, pa.DictionaryArray):  # the codes seen, then their strings
+            seen = np.zeros(len(column.dictionary), dtype=bool)
+            seen[column.indices.to_numpy(zero_copy_only=False)] = True  # never null
+            found.append(column.dictionary.filter(pa.array(seen)))
+        else:
+            found.append(pc.unique(column))
+    if not found:
+        return pa.array([], pa.string())
+    ids: pa.Array = pc.unique(pa.concat_arrays(found))
+    return ids
 
 
 def read_frontier(run_dir: str | os.PathLike[str] | Location) -> pa.Table | None:
@@ -223,8 +386,11 @@ def _recorded_spec(folder: Location) -> str:
     """The copy of the spec in trials.parquet's metadata ('' where there is none, or the file
     cannot be read: its own reader names it)."""
     trials_file = folder / TRIALS_FILE
-    if not trials_file.is_file():
-        return ""
+    if not trials_file.is_file():  # before the first compaction: a trial part's copy
+        parts = (folder / TRIALS_PARTS_DIR).entries(suffix=".parquet", dirs=False)
+        if not parts:
+            return ""
+        trials_file = parts[0]
     try:
         raw: dict[bytes, bytes] = trials_file.read_schema().metadata or {}
     except _UNREADABLE:

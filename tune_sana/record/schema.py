@@ -3,7 +3,10 @@ and the metadata every file carries.
 
     <run dir>/sweep.yaml        the resolved spec, exactly as run
     <run dir>/trials.parquet    one row per finished trial (config columns + outcome + summary)
-    <run dir>/history/*.parquet one row per reported step; a pyarrow dataset
+    <run dir>/trials_parts/     while a sweep runs: one small file per trial finished since
+                                trials.parquet was last compacted (compaction.py)
+    <run dir>/history/*.parquet one row per reported step: part-* files as flushed, compact-*
+                                files of at least compaction.HISTORY_ROWS rows (compaction.py)
     <run dir>/quarantine/       history parts a resume found corrupt, moved aside (quarantine.py)
 
 Each file's metadata carries the schema version, library versions, the hardware and the sweep
@@ -38,6 +41,11 @@ FRONTIER_FILE = "frontier.parquet"
 HISTORY_DIR = "history"
 SPEC_FILE = "sweep.yaml"
 QUARANTINE_DIR = "quarantine"
+TRIALS_PARTS_DIR = "trials_parts"
+COMPACT_PREFIX = "compact-"  # a history file that replaced the parts its metadata names
+# Metadata of trials.parquet and of a compact-* history file: a JSON list of the part file names
+# whose rows it holds; readers skip those parts (a compaction killed before deleting them).
+COVERS_KEY = b"tune_sana.covers"
 
 HISTORY_SCHEMA = pa.schema([
     pa.field("trial_id", pa.string(), nullable=False),

@@ -11,8 +11,10 @@ and the final put is what readers see). Readers and pyarrow datasets never list 
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import re
 import tempfile
 import uuid
 from collections.abc import Callable
@@ -25,6 +27,26 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from tune_sana.config import UserError
+
+# Fault injection for the disk-full tests: from the Nth Parquet write of this process on, every
+# one fails with OSError(ENOSPC) as on a full disk (after part of its temp file is written, which
+# is removed). Unset in normal use.
+ENOSPC_ENV = "TUNE_SANA_FAULT_ENOSPC_AT_WRITE"
+_table_writes = [0]
+
+
+def _maybe_disk_full() -> None:
+    target = os.environ.get(ENOSPC_ENV)
+    if target:
+        _table_writes[0] += 1
+        if _table_writes[0] >= int(target):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class WriteFailed(OSError):
+    """An atomic write that failed (a full disk, a lost mount, no permission): ``filename`` is
+    the file it was writing; ``errno`` and ``strerror`` are the cause's (errno may be None when
+    pyarrow gave none). Nothing of it is visible: its temp file is removed."""
 
 
 def one_line(err: BaseException) -> str:
@@ -176,8 +198,9 @@ class Location:
                 if before_commit is not None:
                     before_commit()
                 os.replace(tmp, self.path)
-            except BaseException:
+            except BaseException as err:
                 Path(tmp).unlink(missing_ok=True)
+                self._raise_failed(err)
                 raise
             return
         parent = self.parent
@@ -188,12 +211,20 @@ class Location:
             if before_commit is not None:
                 before_commit()
             self.fs.move(tmp, self.path)
-        except BaseException:
+        except BaseException as err:
             try:
                 self.fs.delete_file(tmp)
             except OSError:
                 pass
+            self._raise_failed(err)
             raise
+
+    def _raise_failed(self, err: BaseException) -> None:
+        """An OSError of a write as :class:`WriteFailed` naming this file (other errors, and
+        one that already names it, go on as they are)."""
+        if isinstance(err, OSError) and not isinstance(err, WriteFailed):
+            code = err.errno if err.errno is not None else _errno_in(str(err))
+            raise WriteFailed(code, err.strerror or one_line(err), self.text) from err
 
     def write_text_atomic(self, text: str,
                           before_commit: Callable[[], None] | None = None) -> None:
@@ -213,6 +244,7 @@ class Location:
         ``before_commit`` runs between the two (the crash tests' fault hook)."""
         def write(tmp: str, fs: pafs.FileSystem | None) -> None:
             pq.write_table(table, tmp, filesystem=fs)
+            _maybe_disk_full()
 
         self._write_atomic(write, before_commit)
 
@@ -225,3 +257,10 @@ class Location:
         if self.is_local:
             return pq.read_schema(self.path)
         return pq.read_schema(self.path, filesystem=self.fs)
+
+
+def _errno_in(message: str) -> int | None:
+    """The errno pyarrow names in an error's text ('[errno 28] No space left on device'), as
+    its OSError may come without one."""
+    found = re.search(r"\[errno (\d+)\]", message, re.IGNORECASE)
+    return int(found.group(1)) if found else None

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 import uuid
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tune_sana.outcomes import clean
+from tune_sana.record.atomic import write_atomic
 from tune_sana.record.readers import read_history, read_trials
 from tune_sana.record.schema import (
     CONFIG_FIELDS,
@@ -26,33 +26,11 @@ from tune_sana.record.schema import (
     HISTORY_SCHEMA,
     SUMMARY_FIELDS,
     TRIALS_FILE,
+    TRIALS_PARTS_DIR,
     TRIALS_SCHEMA,
     file_metadata,
 )
 from tune_sana.record.storage import Location
-
-# Fault injection for the crash tests: SIGKILL this process inside the Nth atomic write, after the
-# temp file is written and before it is renamed into place. Unset in normal use.
-FAULT_ENV = "TUNE_SANA_FAULT_KILL_IN_WRITE"
-_writes = [0]
-
-
-def _maybe_die_mid_write() -> None:
-    target = os.environ.get(FAULT_ENV)
-    if target:
-        _writes[0] += 1
-        if _writes[0] == int(target):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def write_atomic(table: pa.Table, path: str | os.PathLike[str] | Location) -> None:
-    """Write ``table`` to ``path`` (a local path, a URI or a Location) via a temp file in the
-    same folder, then an atomic rename (``fs.move`` on a URI).
-
-    The temp file's name starts with a dot, so pyarrow datasets and globs for ``*.parquet``
-    never see it; a crash leaves at most such a file, removed on resume.
-    """
-    Location.of(path).write_table_atomic(table, before_commit=_maybe_die_mid_write)
 
 
 def history_table(rows: Sequence[Mapping[str, Any]], meta: dict[bytes, bytes]) -> pa.Table:
@@ -95,9 +73,17 @@ def trials_table(rows: Iterable[Mapping[str, Any]], meta: dict[bytes, bytes]) ->
     return pa.Table.from_pylist(rows, schema=TRIALS_SCHEMA.with_metadata(meta))
 
 
+def _part_name() -> str:
+    """A new part's name: sorts by when it was written (ms), unique by its random tail."""
+    return f"part-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.parquet"
+
+
 class ResultsWriter:
-    """Driver-side writer: buffers history rows and flushes them as new part files; keeps the
-    trials table and rewrites it atomically whenever a trial finishes.
+    """Driver-side writer: buffers history rows and flushes them as new part files; writes
+    each finished trial's row as one small file (trials_parts/; the first, while there is no
+    trials.parquet, as trials.parquet), so recording a trial costs the same however many came
+    before it. :meth:`compact` folds both into few large files (record/compaction.py): at the
+    end of a sweep, and when a writer resumes.
 
     Each (trial, step) is written once, the first time it is reported: a trial retried from a
     checkpoint, or re-run after a resume, repeats steps that are already on disk, and those
@@ -118,17 +104,17 @@ class ResultsWriter:
         self._buffer: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self._lock = threading.Lock()
-        self._trials: dict[str, dict[str, Any]] = {}
+        self._trial_parts = self.location / TRIALS_PARTS_DIR
+        self._singles = 0  # single trial parts written since the last batch
         # Trials finished before a resume: their rows and history stay exactly as written.
         self.resumed: frozenset[str] = frozenset()
-        if resume and (self.location / TRIALS_FILE).is_file():
-            for row in read_trials(self.location).to_pylist():
-                self._trials[row["trial_id"]] = row
-            self.resumed = frozenset(self._trials)
         self._last_step: dict[str, int] = {}
         self._steps: dict[str, set[int]] = {}  # trials whose steps on disk have a gap
         if resume:
             self._remove_temp_files()
+            self.compact()
+            ids = read_trials(self.location, ["trial_id"])["trial_id"].to_pylist()
+            self.resumed = frozenset(ids)
             self._read_steps()
 
     def _read_steps(self) -> None:
@@ -148,7 +134,7 @@ class ResultsWriter:
 
     def _remove_temp_files(self) -> None:
         """Temp files of writes that a crash cut short (never visible to readers: dot-names)."""
-        for folder in (self.location, self._history):
+        for folder in (self.location, self._history, self._trial_parts):
             for tmp in folder.entries(prefix=".", suffix=".tmp", dirs=False, hidden=True):
                 tmp.delete()
 
@@ -175,12 +161,32 @@ class ResultsWriter:
 
     def finish_trial(self, trial_id: str, config: Mapping[str, Any],
                      summary: Mapping[str, Any]) -> None:
-        """Record a trial's final row; flushes its history first so both agree on disk."""
+        """Record a trial's final row, as one new file whatever the number of trials already
+        recorded; flushes its history first so both agree on disk. A trial recorded twice
+        reads as its newest row."""
+        from tune_sana.record import compaction  # it writes through this module
+
+        self.flush()
+        table = trials_table([trial_row(trial_id, config, summary)], self.meta)
+        with self._lock:
+            first = not (self.location / TRIALS_FILE).is_file()
+            write_atomic(table, self.location / TRIALS_FILE if first
+                         else self._trial_parts / _part_name())
+            self._singles += 0 if first else 1
+            if self._singles >= compaction.TRIAL_BATCH:  # constant work, every 64 trials
+                compaction.batch_trials(self.location)
+                self._singles = 0
+
+    def compact(self) -> None:
+        """Flush, then fold the trial parts into trials.parquet and the history parts into
+        files of at least compaction.HISTORY_ROWS rows (record/compaction.py)."""
+        from tune_sana.record import compaction  # it writes through this module
+
         self.flush()
         with self._lock:
-            self._trials[trial_id] = trial_row(trial_id, config, summary)
-            table = trials_table(self._trials.values(), self.meta)
-            write_atomic(table, self.location / TRIALS_FILE)
+            compaction.compact_trials(self.location)
+            compaction.compact_history(self.location)
+            self._singles = 0
 
     def flush(self) -> None:
         with self._lock:
@@ -188,7 +194,6 @@ class ResultsWriter:
             self._last_flush = time.monotonic()
             if not rows:
                 return
-            name = f"part-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}.parquet"
-            write_atomic(history_table(rows, self.meta), self._history / name)
+            write_atomic(history_table(rows, self.meta), self._history / _part_name())
 
 

@@ -27,6 +27,8 @@ import pyarrow as pa
 import yaml
 
 from tune_sana.outcomes import Stage
+from tune_sana.record.atomic import write_atomic
+from tune_sana.record.compaction import compact_trials
 from tune_sana.record.schema import (
     HISTORY_DIR,
     HISTORY_SCHEMA,
@@ -34,7 +36,7 @@ from tune_sana.record.schema import (
     TRIALS_FILE,
     file_metadata,
 )
-from tune_sana.record.writer import ResultsWriter, trial_row, trials_table, write_atomic
+from tune_sana.record.writer import ResultsWriter, trial_row, trials_table
 
 FIXED = {"model": "demo-base", "data": "builtin:shapes", "steps": 100, "batch_size": 8,
          "eval_every": 10, "device": "cpu"}
@@ -233,6 +235,7 @@ def write_sweep(run_dir: Path, trials: Sequence[Synth], running: Sequence[Synth]
         if finish and t.outcome != "running":
             writer.finish_trial(t.trial_id, t.config, _summary(t))
     writer.flush()
+    compact_trials(run_dir)  # as a sweep's end leaves trials.parquet; history parts kept
     return run_dir
 
 

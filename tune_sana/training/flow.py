@@ -74,14 +74,22 @@ def flow_loss(model: nn.Module, batch: FlowBatch, dtype: torch.dtype) -> torch.T
     s = batch.sigmas.view(-1, 1, 1, 1)
     x_t = (1 - s) * batch.x0 + s * batch.noise
     target = batch.noise - batch.x0
-    pred = model(
-        hidden_states=x_t.to(dtype),
-        encoder_hidden_states=batch.text.to(dtype),
-        encoder_attention_mask=batch.mask,
-        return_dict=False,
-        **_conditioning(model, batch.sigmas, dtype),
-    )[0]
+    pred = velocity(model, x_t, batch.sigmas, batch.text, batch.mask, dtype)
     return torch.mean((pred.float() - target) ** 2)
+
+
+def velocity(model: nn.Module, x_t: torch.Tensor, sigmas: torch.Tensor, text: torch.Tensor,
+             mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The model's predicted velocity eps - x0 at noise levels ``sigmas`` (one per sample), fed
+    as training feeds it (inputs in ``dtype``; output in the model's dtype, NaN passed on)."""
+    out: torch.Tensor = model(
+        hidden_states=x_t.to(dtype),
+        encoder_hidden_states=text.to(dtype),
+        encoder_attention_mask=mask,
+        return_dict=False,
+        **_conditioning(model, sigmas, dtype),
+    )[0]
+    return out
 
 
 def _conditioning(model: nn.Module, sigmas: torch.Tensor, dtype: torch.dtype
