@@ -66,7 +66,8 @@ def time_bare(config: TrialConfig) -> tuple[Timing, float]:
     ready: list[Timing] = []
     parts = sana_finetune.setup(config, on_model=lambda _m: ready.append(_clock()))
     assert config.max_grad_norm is not None
-    parts.validation(), parts.retention()  # the base, as the trial evaluates it at step 0
+    # The base, as the trial evaluates it at step 0, with its picture grid (sample_steps).
+    parts.validation(), parts.retention(), parts.sample_grid()
     for _ in range(config.steps):
         loss = parts.loss(parts.next_batch())
         parts.optimizer.zero_grad(set_to_none=True)
@@ -77,7 +78,7 @@ def time_bare(config: TrialConfig) -> tuple[Timing, float]:
         parts.scaler.update()
         parts.scheduler.step()
     val = parts.validation()
-    parts.retention()
+    parts.retention(), parts.sample_grid()  # a completed trial's too
     return _since(ready[0]), val
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,21 +36,54 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(gcs address, dashboard address) of a fresh head node, stopped afterwards."""
+    """(gcs address, dashboard address) of a fresh head node, stopped afterwards.
+
+    A `ray start --block` process in a session of its own, stopped by signalling that process
+    group: `ray stop` would stop every Ray node on the machine, other tests' and other users'
+    too. Its agents get free ports, not Ray's fixed defaults (52365 and others), which another
+    Ray on the machine may hold."""
     if not shutil.which(RAY):
         pytest.fail(f"{RAY} not found: install the cluster extra (pip install -e .[cluster])")
     port, dash = _free_port(), _free_port()
-    env = CLUSTER_ENV
-    subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--disable-usage-stats", "--include-dashboard", "true"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )
+    log = tmp_path_factory.mktemp("head") / "ray-start.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+             str(port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+             "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard", "true",
+             "--dashboard-agent-listen-port", str(_free_port()),
+             "--dashboard-agent-grpc-port", str(_free_port()),
+             "--runtime-env-agent-port", str(_free_port()),
+             "--metrics-export-port", str(_free_port())],
+            env=CLUSTER_ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 180
+        while "block forever" not in log.read_text(errors="replace"):
+            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "the head node did not start in 180 s"
+            time.sleep(0.3)
         yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the node's process group (its GCS, raylet, agents, workers), then SIGKILL what is
+    left after 30 s."""
+    for sig, wait_s in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                process.wait(timeout=10)
+                return
+            process.poll()
+            time.sleep(0.2)
 
 
 def _space(tmp_path: Path) -> Path:

@@ -173,6 +173,25 @@ def test_analysis_and_record_load_without_torch_or_ray(module: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_drivers_preflight_loads_neither_diffusers_nor_a_tensorboard_logger(
+        demo_base: Path) -> None:
+    """The driver never trains: checking the demo space (demo base built) and making its run
+    config import no diffusers (~3 s a sweep through training/models.py) and no tensorboardX
+    (Ray's default TensorBoard logger imports torch's summary writers: engine/trackers.py)."""
+    code = ("import sys; from tune_sana.engine import preflight, space, sweep; "
+            "from tune_sana.record.storage import Location; "
+            "from ray.tune.utils.callback import _create_default_callbacks as defaults; "
+            "spec = space.load(None); preflight.check_local(spec); "
+            "run = sweep._run_config(spec, Location.of('/tmp/x/y'), None); "
+            "names = [type(c).__name__ for c in defaults(run.callbacks)]; "
+            "assert 'TBXLoggerCallback' not in names, names; "
+            "bad = sorted(m for m in ('diffusers', 'tensorboardX', 'peft') if m in sys.modules);"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
 # --- the checker itself fails where it should --------------------------------------------------
 
 def _write(root: Path, files: Mapping[str, str]) -> Path:

@@ -111,3 +111,65 @@ def test_a_crashed_multi_worker_trial_resumes_to_the_same_loss(
                         checkpoint_dir=str(tmp_path / "ckpt"), retry=True)[0]
     assert resumed[0]["step"] == 3  # went on after step 2's checkpoint, on both ranks
     assert resumed[-1]["final_val_loss"] == whole[-1]["final_val_loss"]
+
+
+def _ride_rank(rank: int, world: int, port: int, out: str, loss_value: float) -> None:
+    """One rank of test_the_health_vector_rides_the_gradients_all_reduce."""
+    import os
+
+    import torch.distributed as dist
+
+    from tune_sana.training.ranks import Ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        ranks = Ranks.current()
+        model = ranks.wrap(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1)), torch.device("cpu"))
+        calls = [0]
+        real = dist.all_reduce
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls[0] += 1
+            return real(*args, **kwargs)
+
+        dist.all_reduce = counted  # type: ignore[assignment]
+        results = []
+        for step in range(2):
+            x = torch.full((2, 4), float(rank + step))
+            loss = model(x).pow(2).mean()
+            if rank == 1 and step == 1:
+                loss = loss * loss_value
+            ranks.send_with_gradients(loss)
+            loss.backward()
+            rode = ranks.ride.arrived is not None
+            results.append((rode, loss.item(), ranks.agree(loss).tolist(), calls[0]))
+            if step == 0:
+                grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        torch.save({"results": results, "grads": grads}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_health_vector_rides_the_gradients_all_reduce(tmp_path: Path) -> None:
+    """Under ddp the step's [mean loss, flag per rank] comes back with the gradients: one
+    all-reduce per bucket and none of its own, the same sums as a separate all-reduce, the
+    gradients still averaged, and a NaN on rank 1 flagged as rank 1's."""
+    from torch.multiprocessing.spawn import start_processes
+
+    from tune_sana.testing.process_group import _free_port
+
+    start_processes(_ride_rank, args=(2, _free_port(), str(tmp_path), math.nan), nprocs=2,
+                    start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    (rode0, loss0, agreed0, calls0), (rode1, loss1, agreed1, calls1) = ranks[0]["results"][0], \
+        ranks[1]["results"][0]
+    assert rode0 and rode1 and calls0 == calls1 == 1  # the one bucket's all-reduce, no other
+    assert agreed0 == agreed1 == pytest.approx([(loss0 + loss1) / 2, 0.0, 0.0])
+    for g0, g1 in zip(ranks[0]["grads"], ranks[1]["grads"], strict=True):
+        assert torch.equal(g0, g1)  # averaged: replicas agree
+    step1 = [r["results"][1] for r in ranks]
+    assert all(rode and calls == 2 for rode, _loss, _agreed, calls in step1)
+    for _rode, _loss, agreed, _calls in step1:
+        assert math.isnan(agreed[0]) and agreed[1:] == [0.0, 1.0]  # rank 1's NaN, named

@@ -111,10 +111,13 @@ class Parts:
         loss = torch.zeros((), device=self.device)
         micros = batch.split(self.config.batch_size)
         for i, micro in enumerate(micros):
-            with self.ranks.no_sync(self.model, last=i == len(micros) - 1):
+            last = i == len(micros) - 1
+            with self.ranks.no_sync(self.model, last=last):
                 part = self.loss(micro) * (len(micro) / len(batch))
+                loss = loss + part.detach()
+                if last:  # several workers: the loss rides the gradients' all-reduce
+                    self.ranks.send_with_gradients(loss)
                 self.scaler.scale(part).backward()
-            loss = loss + part.detach()
         return loss
 
     def losses(self, batch: FlowBatch) -> list[torch.Tensor]:

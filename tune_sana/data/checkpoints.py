@@ -21,6 +21,11 @@ def demo_base_path() -> Path:
     return home() / f"{DEMO_BASE}-v{DEMO_BASE_VERSION}"
 
 
+def demo_base_built() -> bool:
+    """The demo base of this version is on disk (a file check: no torch, no diffusers)."""
+    return (demo_base_path() / "config.json").is_file()
+
+
 def is_local(model: str) -> bool:
     """A local folder rather than a hub id: it exists, starts with '.', '/' or '~', or has more
     than one '/' (a hub id is owner/name)."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from tune_sana.config import DEMO_BASE, PRESETS, TrialConfig, UserError
 from tune_sana.data.checkpoints import (
     TRANSFORMER_WEIGHTS,
+    demo_base_built,
     has_weights,
     resolve_folder,
     weights_name,
@@ -45,13 +46,15 @@ def check_local(spec: SweepSpec) -> None:
         from tune_sana.training.ranks import FSDP_CAME
 
         raise UserError(FSDP_CAME)
-    from tune_sana.training.demo_base import ensure_demo_base
-
     variants = candidates(spec, "variant")
     for model in candidates(spec, "model"):
         if model in PRESETS:
             continue
-        if model == DEMO_BASE:
+        if model == DEMO_BASE and not demo_base_built():
+            # Only to build it: importing training/demo_base (diffusers, through models.py)
+            # costs the driver ~4 s on this 2-core box, every sweep.
+            from tune_sana.training.demo_base import ensure_demo_base
+
             ensure_demo_base()
         path, subfolder = resolve_folder(str(model))
         folder = Path(path) / (subfolder or "")
@@ -156,10 +159,10 @@ def _check_fit(spec: SweepSpec, data: dict[str, DataShape]) -> None:
     model configs are read from config.json, no weights loaded. A hub id this machine cannot
     reach is not estimated (its trials would fail to load it with their own line)."""
     from tune_sana.engine import fit
-    from tune_sana.training.models import read_config
 
     if fit.budget(spec) is None:
         return
+    from tune_sana.training.models import read_config  # diffusers: only with a GPU budget
     configs: dict[str, dict[str, Any]] = {}
     for model in candidates(spec, "model"):
         try:

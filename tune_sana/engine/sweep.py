@@ -404,6 +404,7 @@ def _run_config(spec: SweepSpec, experiment: Location, recorder: Any,
 
     from tune_sana.engine.interrupt import StopTune
     from tune_sana.engine.stopping import DivergenceStopper
+    from tune_sana.engine.trackers import NoRayTensorBoard
 
     stop: Any = DivergenceStopper()
     trackers = trackers or []
@@ -412,7 +413,9 @@ def _run_config(spec: SweepSpec, experiment: Location, recorder: Any,
     return tune.RunConfig(
         name=experiment.name, storage_path=experiment.parent.text, stop=stop,
         storage_filesystem=filesystem,
-        callbacks=[recorder, StopTune(), *([] if budget is None else [budget]), *trackers],
+        # NoRayTensorBoard: Ray adds no TensorBoard logger of its own (engine/trackers.py)
+        callbacks=[recorder, StopTune(), *([] if budget is None else [budget]), *trackers,
+                   NoRayTensorBoard()],
         verbose=0,
         failure_config=tune.FailureConfig(max_failures=spec.max_retries),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),

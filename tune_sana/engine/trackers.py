@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.logger import TBXLoggerCallback
 
 from tune_sana.config import UserError
 from tune_sana.engine.recorder import step_rows
@@ -174,6 +175,27 @@ def _tensorboard_logger(folder: Path) -> Any:
             self._trial_result[trial] = {}
 
     return TensorBoardRows()
+
+
+class NoRayTensorBoard(TBXLoggerCallback):  # type: ignore[misc]
+    """Stands in for the TensorBoard logger Ray Tune adds to a run that has none, so Ray adds
+    none (its CSV and JSON loggers stay: result.json and progress.csv in each trial's folder, as
+    before). Ray's default one imports tensorboardX, which imports torch into the driver (about
+    180 MB of RSS in a driver that never trains), to write one point per Ray result, not per
+    step; TensorBoard is ``--track tensorboard``, which writes every step row. Writes nothing;
+    picklable (Ray keeps it in tuner.pkl)."""
+
+    def __init__(self) -> None:  # no super().__init__(): it imports tensorboardX
+        pass
+
+    def log_trial_start(self, trial: Any) -> None:
+        pass
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict[str, Any]) -> None:
+        pass
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        pass
 
 
 def _mlflow_batch(logger: Any, trial: Any, rows: list[dict[str, Any]]) -> None:

@@ -103,6 +103,12 @@ def _without_agreement(ranks: Any) -> Any:
     from tune_sana.training.ranks import Ranks
 
     class Unagreed(Ranks):
+        def _attach_ride(self, ddp: torch.nn.Module) -> None:
+            pass  # DDP's own C++ all-reduce, no hook
+
+        def send_with_gradients(self, loss: torch.Tensor) -> None:
+            pass
+
         def agree(self, loss: torch.Tensor) -> torch.Tensor:
             return Ranks().agree(loss)
 

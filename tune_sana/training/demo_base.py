@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tune_sana.config import LrSchedule
-from tune_sana.data.checkpoints import demo_base_path
+from tune_sana.data.checkpoints import demo_base_built, demo_base_path
 from tune_sana.data.encoded import load_data
 from tune_sana.training.flow import flow_loss, make_batch
 from tune_sana.training.models import tiny_model
@@ -87,7 +87,7 @@ def make_base(out: Path | None = None, steps: int = PRETRAIN_STEPS, force: bool 
 def ensure_demo_base() -> Path:
     """The demo base folder, built first (one to two minutes on a CPU) if it is missing."""
     target = demo_base_path()
-    if not (target / "config.json").is_file():
+    if not demo_base_built():
         print(f"tune-sana: building the demo base checkpoint once at {target} "
               "(tiny Sana pretrained on the built-in data, 1-2 min)", file=sys.stderr, flush=True)
         make_base(target)

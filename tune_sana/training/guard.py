@@ -23,10 +23,20 @@ from tune_sana.training.ranks import Ranks, local
 
 
 def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    # Per-tensor norms accumulated and returned in fp32: an fp16 norm above 65504 would read as inf
-    # although every element is finite (torch's get_total_norm keeps the tensors' dtype).
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return cast(torch.Tensor, torch.linalg.vector_norm(torch.stack(norms)))
+    """The L2 norm of all of ``tensors``, in fp32. fp16 tensors' norms are taken in fp32: one
+    above 65504 would read as inf although every element is finite (torch's get_total_norm
+    keeps the tensors' dtype). Every other dtype's are taken in its own dtype (the kernel
+    accumulates in fp32 either way) and only the per-tensor norms are cast: bf16 has fp32's
+    range, so nothing overflows, and asking for fp32 output makes torch upcast each whole
+    bf16 tensor first, which measured ~1.8x the time of the norm itself on the demo (CPU)."""
+    wide = [t for t in tensors if t.dtype == torch.float16]
+    native = [t for t in tensors if t.dtype != torch.float16]
+    parts = [torch.stack(torch._foreach_norm(wide, 2, dtype=torch.float32))] if wide else []
+    if native:
+        parts.append(torch.stack(torch._foreach_norm(native, 2)).float())
+    if not parts:
+        return torch.zeros(())
+    return cast(torch.Tensor, torch.linalg.vector_norm(torch.cat(parts)))
 
 
 def _norm_over(tensors: list[torch.Tensor], ranks: Ranks | None) -> torch.Tensor:
