@@ -68,30 +68,31 @@ print(json.dumps(marks))
 """
 
 
-def _spawn(code: str, *args: str) -> tuple[float, str]:
-    """Seconds from just before the spawn to the process's exit, and its stdout."""
+def _python(*args: str) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """A fresh ``python *args`` in the repository, to its exit: the wall time just before its
+    spawn, and the finished process (stdout and stderr captured)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, check=True,
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True,
                           capture_output=True, text=True)
-    return time.time() - started, done.stdout
+    return started, done
+
+
+def _spawn(code: str) -> float:
+    """Seconds from just before the spawn of ``python -c code`` to its exit."""
+    started, _ = _python("-c", code)
+    return time.time() - started
 
 
 def _trial(values: dict[str, Any]) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    started = time.time()
-    done = subprocess.run([sys.executable, "-c", TRIAL, json.dumps(values)], cwd=ROOT, env=env,
-                          check=True, capture_output=True, text=True)
+    started, done = _python("-c", TRIAL, json.dumps(values))
     marks = json.loads(done.stdout.strip().splitlines()[-1])
     return {key: value - started for key, value in marks.items()}
 
 
 def importers(top: int = 10) -> dict[str, float]:
     """Self import time (s) summed by top-level package, for the trial module."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                           "import trials.sana_finetune"], cwd=ROOT, env=env, check=True,
-                          capture_output=True, text=True)
+    _, done = _python("-X", "importtime", "-c", "import trials.sana_finetune")
     by_package: dict[str, float] = defaultdict(float)
     for line in done.stderr.splitlines():
         if not line.startswith("import time:") or "self [us]" in line:
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         _trial(values)
     torch_s, step_s, trial = [], [], []
     for i in range(args.rounds):
-        torch_s.append(_spawn("import torch")[0])
-        step_s.append(_spawn(BARE_STEP)[0])
+        torch_s.append(_spawn("import torch"))
+        step_s.append(_spawn(BARE_STEP))
         trial.append(_trial(values))
         say(f"round {i + 1}: import torch {torch_s[-1]:.2f} s, bare first step "
             f"{step_s[-1]:.2f} s, trial imports {trial[-1]['imported']:.2f} s, step 0 "
